@@ -1,0 +1,122 @@
+"""A bank: preallocated packed tensors ``[num_slots + 1, ...]`` for one primitive on one
+module. Row ``num_slots`` is the null slot (always cleared) that base-only tokens gather.
+
+Writing a slot copies into that slot's rows only (zero/one padded), evicting refills them:
+neither touches another slot nor allocates device memory.
+
+Two execution modes share one bank:
+- *segment* (SGMV-like): loop over the distinct slots present, one dense op per slot on
+  that slot's tokens. Best for prefill and for few adapters.
+- *gather* (BGMV-like): gather per-token parameters and run batched matmuls once. Best for
+  decode with many distinct adapters; bounded by ``gather_budget`` elements.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from adapters.errors import PoolError
+from adapters.method import Limits, SlotData
+from adapters.plan import Routing
+from adapters.targets import TargetInfo
+
+BankStage = Literal["input", "delta", "scale", "output"]
+
+
+class Bank(ABC):
+    kind: ClassVar[str]
+    stage: ClassVar[BankStage]
+    fills: ClassVar[dict[str, float]]  # tensor name -> value of an empty slot
+    rank_tensor: ClassVar[tuple[str, int] | None] = None  # (name, dim) holding the padded rank
+
+    def __init__(self, num_slots: int, target: TargetInfo, limits: Limits,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.num_slots = num_slots
+        self.target = target
+        self.t: dict[str, torch.Tensor] = {
+            name: torch.full((num_slots + 1, *shape), self.fills[name], dtype=dtype,
+                             device=device)
+            for name, shape in self.shapes(target, limits).items()
+        }
+        self.occupied: set[int] = set()
+        self.slot_rank = [0] * (num_slots + 1)
+        self.slot_meta: list[dict[str, Any]] = [{} for _ in range(num_slots + 1)]
+        self.slot_numel = sum(t[0].numel() for t in self.t.values())
+
+    @classmethod
+    @abstractmethod
+    def shapes(cls, target: TargetInfo, limits: Limits) -> dict[str, tuple[int, ...]]:
+        """Per-slot shape of each tensor, padded to the pool's limits."""
+
+    # --- slot management --------------------------------------------------------------
+    def write(self, slot: int, data: SlotData) -> None:
+        self.clear(slot)
+        for name, src in data.tensors.items():
+            if name not in self.t:
+                raise PoolError(f"{self.target.path}: bank {self.kind!r} has no tensor {name!r}")
+            dst = self.t[name][slot]
+            if src.dim() != dst.dim() or any(s > d for s, d in zip(src.shape, dst.shape,
+                                                                   strict=True)):
+                raise PoolError(
+                    f"{self.target.path}.{name}: shape {list(src.shape)} does not fit the "
+                    f"pool's {list(dst.shape)} (raise the pool limits)")
+            dst[tuple(slice(0, n) for n in src.shape)].copy_(src)
+        if self.rank_tensor is not None:
+            name, dim = self.rank_tensor
+            self.slot_rank[slot] = int(data.tensors[name].shape[dim])
+        self.slot_meta[slot] = dict(data.meta)
+        self.occupied.add(slot)
+
+    def clear(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise PoolError(f"slot {slot} out of range [0, {self.num_slots})")
+        for name, tensor in self.t.items():
+            tensor[slot].fill_(self.fills[name])
+        self.slot_rank[slot] = 0
+        self.slot_meta[slot] = {}
+        self.occupied.discard(slot)
+
+    def active(self, routing: Routing) -> list[int]:
+        return [s for s in routing.unique if s in self.occupied]
+
+    # --- forward --------------------------------------------------------------------------
+    def apply(self, h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+              routing: Routing) -> torch.Tensor:
+        """Apply this bank's stage. ``h``: the stage's running value ``[N, *]`` (``x`` for
+        the input stage, ``y`` otherwise); ``x``: the layer input after the input stage
+        ``[N, in]``; ``weight``: W0 ``[out, in]``. Returns the new ``h``."""
+        active = self.active(routing)
+        if not active:
+            return h
+        gather = (len(active) > 1 and self.can_gather(active)
+                  and routing.num_tokens * self.slot_numel <= routing.gather_budget)
+        if gather:
+            return self.apply_tokens(routing, active, h, x, weight)
+        if len(active) == 1 and routing.rows(active[0]).shape[0] == routing.num_tokens:
+            return self.apply_slot(active[0], h, x, weight)  # whole batch on one slot
+        if self.stage == "input":
+            h = h.clone()  # h is the caller's activation: never write into it
+        for slot in active:
+            rows = routing.rows(slot)  # [n_s]
+            part = self.apply_slot(slot, h.index_select(0, rows), x.index_select(0, rows), weight)
+            h.index_copy_(0, rows, part)
+        return h
+
+    @abstractmethod
+    def apply_slot(self, slot: int, h: torch.Tensor, x: torch.Tensor,
+                   weight: torch.Tensor) -> torch.Tensor:
+        """Segment mode: every token of ``h``/``x`` uses ``slot``."""
+
+    @abstractmethod
+    def apply_tokens(self, routing: Routing, active: list[int], h: torch.Tensor,
+                     x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Gather mode: token ``i`` uses row ``routing.index[i]`` (null row = no-op)."""
+
+    def can_gather(self, active: list[int]) -> bool:
+        return True
+
+    def max_rank(self, active: list[int]) -> int:
+        return max(self.slot_rank[s] for s in active)

@@ -1,0 +1,28 @@
+"""Per-output-row scale ``y *= g`` applied before the bias (DoRA's magnitude / norm)."""
+
+from __future__ import annotations
+
+import torch
+
+from adapters.banks.base import Bank
+from adapters.method import Limits
+from adapters.plan import Routing
+from adapters.targets import TargetInfo
+
+
+class RowScaleBank(Bank):
+    kind = "rowscale"
+    stage = "scale"
+    fills = {"g": 1.0}
+
+    @classmethod
+    def shapes(cls, target: TargetInfo, limits: Limits) -> dict[str, tuple[int, ...]]:
+        return {"g": (target.out_features,)}  # [out]
+
+    def apply_slot(self, slot: int, h: torch.Tensor, x: torch.Tensor,
+                   weight: torch.Tensor) -> torch.Tensor:
+        return h * self.t["g"][slot]  # [n, out]
+
+    def apply_tokens(self, routing: Routing, active: list[int], h: torch.Tensor,
+                     x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return h * self.t["g"][routing.index]  # [N, out]

@@ -1,0 +1,59 @@
+"""The wrapped projection: base layer plus every bank of the slot pool for that module."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.banks.base import Bank
+from adapters.plan import current_plan
+from adapters.targets import TargetInfo, bias_of, weight_of
+
+STAGES = ("input", "delta", "scale", "output")
+
+
+class AdapterLayer(nn.Module):
+    """Replaces a Linear/Conv1D in the model. Without a plan, or when no token of the batch
+    uses a slot holding anything on this module, it is exactly the base layer."""
+
+    def __init__(self, base: nn.Module, target: TargetInfo, banks: Sequence[Bank]) -> None:
+        super().__init__()
+        self.base = base
+        self.target = target
+        self.by_kind = {bank.kind: bank for bank in banks}
+        self.staged: list[Bank] = sorted(banks, key=lambda b: STAGES.index(b.stage))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W0 ``[out, in]`` (a view for Conv1D)."""
+        return weight_of(self.base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = current_plan()
+        if plan is None:
+            return self.base(x)  # type: ignore[no-any-return]
+        flat = x.reshape(-1, self.target.in_features)  # [N, in]
+        routing = plan.routing(flat.shape[0])
+        banks = [b for b in self.staged if not b.occupied.isdisjoint(routing.unique_set)]
+        if not banks:
+            return self.base(x)  # type: ignore[no-any-return]
+        weight = self.weight
+        h = flat
+        for bank in banks:
+            if bank.stage == "input":
+                h = bank.apply(h, flat, weight, routing)
+        x_in = h  # [N, in]
+        y = F.linear(x_in, weight)  # [N, out]
+        for bank in banks:
+            if bank.stage in ("delta", "scale"):
+                y = bank.apply(y, x_in, weight, routing)
+        bias = bias_of(self.base)
+        if bias is not None:
+            y = y + bias
+        for bank in banks:
+            if bank.stage == "output":
+                y = bank.apply(y, x_in, weight, routing)
+        return y.reshape(*x.shape[:-1], self.target.out_features)

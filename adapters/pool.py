@@ -1,0 +1,170 @@
+"""Slot pool: wraps a model's projections once and holds adapters in preallocated slots.
+
+Usage::
+
+    pool = SlotPool(model, PoolConfig(num_slots=8, max_rank=16))
+    pool.load(0, adapter_a)            # validated, lowered, copied into slot 0
+    pool.load(1, adapter_b)
+    with pool.use(torch.tensor([0, 1, -1])):    # per-row slots, -1 = base only
+        logits = model(input_ids).logits
+
+``prepare`` (validate + lower) and ``write`` (copy into a slot) are separate so a server can
+prepare off the forward loop and only copy under its lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from adapters import registry
+from adapters import targets as tg
+from adapters.banks import BANKS, Bank
+from adapters.errors import AdapterValidationError, PoolError
+from adapters.layer import AdapterLayer
+from adapters.method import Adapter, Limits, Method, MethodConfig, SlotData, Tensors
+from adapters.plan import SlotPlan, use_plan
+from adapters.validation import validate_component
+
+
+class PoolConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_slots: int = Field(8, ge=1, le=65536)
+    max_rank: int = Field(16, ge=1, description="rank / terms limit of every slot")
+    max_bottleneck_dim: int = Field(64, ge=1)
+    methods: list[str] | None = Field(None, description="methods to allocate banks for; all")
+    target_modules: list[str] | str | None = Field(
+        None, description="modules to wrap (PEFT rule); None = every adaptable projection")
+    gather_budget: int = Field(1 << 22, ge=0,
+                               description="max gathered elements per bank in gather mode")
+
+
+Part = tuple[Method[Any], MethodConfig, Tensors]
+
+
+def parts_by_module(adapter: Adapter) -> dict[str, list[Part]]:
+    """The adapter's components regrouped per module path, weight stage first."""
+    grouped: dict[str, list[Part]] = {}
+    for component in adapter.components:
+        method = registry.get(component.method)
+        for path, tensors in component.modules.items():
+            grouped.setdefault(path, []).append((method, component.config, tensors))
+    for path, parts in grouped.items():
+        parts.sort(key=lambda p: p[0].stage != "weight")
+        for stage in ("weight", "output"):
+            names = [p[0].name for p in parts if p[0].stage == stage]
+            if len(names) > 1:
+                raise AdapterValidationError(
+                    f"several {stage}-stage components on one module: {names}", tensor=path)
+    return grouped
+
+
+@dataclass
+class PreparedAdapter:
+    """Validated, lowered slot data, ready to be copied into any slot."""
+
+    adapter: Adapter
+    data: dict[tuple[str, str], SlotData]  # (module path, bank kind) -> data
+
+
+class SlotPool:
+    def __init__(self, model: nn.Module, config: PoolConfig) -> None:
+        self.config = config
+        self.limits = Limits(config.max_rank, config.max_bottleneck_dim)
+        first = next(model.parameters())
+        self.dtype, self.device = first.dtype, first.device
+        methods = config.methods if config.methods is not None else registry.names()
+        self.methods = frozenset(registry.get(name).name for name in methods)
+        kinds = sorted({kind for name in self.methods for kind in registry.get(name).banks})
+        available = tg.discover(model)
+        if config.target_modules is not None:
+            available = {p: available[p] for p in tg.resolve(config.target_modules, available)}
+        if not available:
+            raise PoolError("the pool's target_modules select no projection of the model")
+        self.targets: dict[str, tg.TargetInfo] = available
+        self.layers: dict[str, AdapterLayer] = {}
+        for path, target in available.items():
+            banks = [BANKS[kind](config.num_slots, target, self.limits, self.dtype, self.device)
+                     for kind in kinds]
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            layer = AdapterLayer(getattr(parent, child), target, banks)
+            setattr(parent, child, layer)
+            self.layers[path] = layer
+        self.resident: list[Adapter | None] = [None] * config.num_slots
+
+    @property
+    def num_slots(self) -> int:
+        return self.config.num_slots
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers.values()
+                   for bank in layer.by_kind.values() for t in bank.t.values())
+
+    # --- loading --------------------------------------------------------------------------
+    def prepare(self, adapter: Adapter) -> PreparedAdapter:
+        """Validate against the base and the pool limits, then lower into slot data."""
+        for component in adapter.components:
+            if component.method not in self.methods:
+                raise PoolError(f"method {component.method!r} is not enabled in this pool")
+            validate_component(component, self.targets, self.limits)
+        data: dict[tuple[str, str], SlotData] = {}
+        for path, parts in parts_by_module(adapter).items():
+            layer = self.layers[path]
+            weight = layer.weight.detach().float()  # lower in fp32; banks cast on write
+            for method, config, tensors in parts:
+                on_device = {k: v.detach().to(self.device, torch.float32)
+                             for k, v in tensors.items()}
+                for kind, slot_data in method.lower(config, on_device, layer.target,
+                                                    weight).items():
+                    if (path, kind) in data:
+                        raise AdapterValidationError(
+                            f"two components write the {kind!r} bank", tensor=path)
+                    data[(path, kind)] = slot_data
+        return PreparedAdapter(adapter, data)
+
+    def write(self, slot: int, prepared: PreparedAdapter) -> None:
+        """Copy prepared data into ``slot`` (evicting what it held); no other slot changes."""
+        self.evict(slot)
+        for (path, kind), slot_data in prepared.data.items():
+            self.layers[path].by_kind[kind].write(slot, slot_data)
+        self.resident[slot] = prepared.adapter
+
+    def load(self, slot: int, adapter: Adapter) -> None:
+        self.write(slot, self.prepare(adapter))
+
+    def evict(self, slot: int) -> None:
+        self._check_slot(slot)
+        for layer in self.layers.values():
+            for bank in layer.by_kind.values():
+                if slot in bank.occupied:
+                    bank.clear(slot)
+        self.resident[slot] = None
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise PoolError(f"slot {slot} out of range [0, {self.num_slots})")
+
+    # --- forward --------------------------------------------------------------------------
+    def plan(self, slot_ids: torch.Tensor | list[int]) -> SlotPlan:
+        ids = torch.as_tensor(slot_ids, dtype=torch.long, device=self.device)
+        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_slots):
+            raise PoolError(f"slot ids must lie in [-1, {self.num_slots})")
+        return SlotPlan(ids, self.num_slots, self.config.gather_budget)
+
+    @contextmanager
+    def use(self, slot_ids: torch.Tensor | list[int]) -> Iterator[SlotPlan]:
+        """Route the forwards inside the block: per-row ``[B]`` or per-token ``[B, T]``."""
+        with use_plan(self.plan(slot_ids)) as plan:
+            yield plan
+
+    def banks(self) -> Mapping[str, Mapping[str, Bank]]:
+        return {path: layer.by_kind for path, layer in self.layers.items()}

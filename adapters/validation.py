@@ -1,0 +1,86 @@
+"""Checks a component's weights against a base model. Every error names the tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from adapters import registry
+from adapters.errors import AdapterValidationError
+from adapters.method import Component, Limits
+from adapters.targets import TargetInfo
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def validate_component(component: Component, available: Mapping[str, TargetInfo],
+                       limits: Limits) -> None:
+    """Raise :class:`AdapterValidationError` on the first rule the component breaks.
+
+    Rules, in order: target modules exist in the base and every targeted module has
+    weights; no weights for modules the config does not target; per module, exactly the
+    schema's tensor names with its shapes; floating dtypes; finite values; rank limit; then
+    the method's own checks.
+    """
+    method = registry.get(component.method)
+    config = component.config
+    if not isinstance(config, method.config_type):
+        raise AdapterValidationError(
+            f"config is {type(config).__name__}, expected {method.config_type.__name__}",
+            tensor="config")
+    wanted = method.target_paths(config, available)
+    if not wanted:
+        raise AdapterValidationError(
+            "selects no adaptable module of the base model", tensor="config.target_modules")
+    for path, tensors in component.modules.items():
+        if path not in available:
+            first = next(iter(tensors), "weight")
+            raise AdapterValidationError(
+                f"module {path!r} does not exist in the base model or is not an adaptable "
+                "projection", tensor=f"{path}.{first}")
+        if path not in wanted:
+            first = next(iter(tensors), "weight")
+            raise AdapterValidationError(
+                f"module {path!r} is not selected by the config's target modules",
+                tensor=f"{path}.{first}")
+    for path in wanted:
+        target = available[path]
+        schema = method.schema(config, target)
+        tensors = component.modules.get(path)
+        if tensors is None:
+            name = next(iter(schema))
+            raise AdapterValidationError("missing tensor for a targeted module",
+                                         tensor=f"{path}.{name}")
+        check_tensors(path, tensors, schema)
+        limit = getattr(limits, method.rank_limit)
+        rank = method.rank(config, target)
+        if rank > limit:
+            name = next(iter(schema))
+            raise AdapterValidationError(
+                f"rank {rank} exceeds the limit {limit} ({method.rank_limit})",
+                tensor=f"{path}.{name}")
+        method.check(config, tensors, target)
+
+
+def check_tensors(path: str, tensors: Mapping[str, torch.Tensor],
+                  schema: Mapping[str, tuple[int, ...]]) -> None:
+    """Names, shapes, dtype and finiteness of one module's tensors against its schema."""
+    for name in tensors:
+        if name not in schema:
+            raise AdapterValidationError(
+                f"unexpected tensor (expected one of {sorted(schema)})", tensor=f"{path}.{name}")
+    for name, shape in schema.items():
+        key = f"{path}.{name}"
+        if name not in tensors:
+            raise AdapterValidationError("missing tensor", tensor=key)
+        tensor = tensors[name]
+        if tuple(tensor.shape) != tuple(shape):
+            raise AdapterValidationError(
+                f"shape {list(tensor.shape)} does not match the expected {list(shape)}",
+                tensor=key)
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise AdapterValidationError(
+                f"dtype {tensor.dtype} is not float32, float16 or bfloat16", tensor=key)
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterValidationError("contains NaN or Inf values", tensor=key)

@@ -1,0 +1,34 @@
+"""Random, non-identity adapters per method for the test matrix and the benchmarks.
+
+Each module in this package registers a factory with :func:`factory`; importing the package
+imports them all, so adding a method adds one file here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from adapters.method import Component
+
+Factory = Callable[[nn.Module, torch.Generator], Component]
+FACTORIES: dict[str, Factory] = {}
+
+
+def factory(method: str) -> Callable[[Factory], Factory]:
+    def wrap(fn: Factory) -> Factory:
+        FACTORIES[method] = fn
+        return fn
+    return wrap
+
+
+def randn(gen: torch.Generator, *shape: int, scale: float = 0.2) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen) * scale
+
+
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adapters import targets as tg
+from adapters.method import Component
+from adapters.methods.lora import LoraConfig
+from tests.factories import factory, randn
+
+ATTENTION = ["q_proj", "v_proj", "c_attn"]
+
+
+def lora_modules(model: nn.Module, config: LoraConfig, gen: torch.Generator
+                 ) -> dict[str, dict[str, torch.Tensor]]:
+    available = tg.discover(model)
+    modules = {}
+    for path in tg.resolve(config.target_modules, available):
+        t = available[path]
+        r = config.rank_of(path)
+        modules[path] = {"lora_A": randn(gen, r, t.in_features),
+                         "lora_B": randn(gen, t.out_features, r)}
+    return modules
+
+
+@factory("lora")
+def make_lora(model: nn.Module, gen: torch.Generator) -> Component:
+    rank = int(torch.randint(2, 6, (1,), generator=gen))
+    config = LoraConfig(r=rank, lora_alpha=float(2 * rank), target_modules=ATTENTION,
+                        use_rslora=bool(torch.randint(0, 2, (1,), generator=gen)),
+                        rank_pattern={"v_proj": rank + 1}, alpha_pattern={"q_proj": 3.0})
+    return Component("lora", config, lora_modules(model, config, gen))
