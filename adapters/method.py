@@ -113,7 +113,7 @@ class Method(ABC, Generic[C]):
     def rank(self, config: C, target: TargetInfo) -> int:
         """The size compared against ``Limits.<rank_limit>`` on this module."""
 
-    def check(self, config: C, tensors: Tensors, target: TargetInfo) -> None:  # noqa: B027
+    def check(self, config: C, tensors: Tensors, target: TargetInfo) -> None:
         """Method-specific rules beyond names/shapes/dtype/finiteness (raise on failure)."""
 
     # --- math -----------------------------------------------------------------------------

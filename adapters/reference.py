@@ -97,10 +97,12 @@ def merged_model(model: nn.Module, adapter: Adapter) -> nn.Module:
     available = tg.discover(copied)
     for path, (weight, bias) in merged.items():
         module = copied.get_submodule(path)
+        current = module.weight
+        assert isinstance(current, torch.Tensor)
         with torch.no_grad():
-            module.weight.copy_(weight)
+            current.copy_(weight)
             if bias is not None:  # e.g. HUT's shift folded into a bias the base lacked
-                module.bias = nn.Parameter(bias.to(module.weight.dtype).clone())
+                module.bias = nn.Parameter(bias.to(current.dtype).clone())
     for path, parts in parts_by_module(adapter).items():
         rest = [p for p in parts if p[0].stage == "output"]
         if rest:

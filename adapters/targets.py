@@ -74,7 +74,11 @@ def discover(model: nn.Module) -> dict[str, TargetInfo]:
 
 def unwrap(module: nn.Module) -> nn.Module:
     """The base projection inside an ``AdapterLayer`` (or the module itself)."""
-    return module.base if isinstance(getattr(module, "target", None), TargetInfo) else module
+    if isinstance(getattr(module, "target", None), TargetInfo):
+        base = module.base
+        assert isinstance(base, nn.Module)
+        return base
+    return module
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:

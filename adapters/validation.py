@@ -47,11 +47,11 @@ def validate_component(component: Component, available: Mapping[str, TargetInfo]
     for path in wanted:
         target = available[path]
         schema = method.schema(config, target)
-        tensors = component.modules.get(path)
-        if tensors is None:
+        if path not in component.modules:
             name = next(iter(schema))
             raise AdapterValidationError("missing tensor for a targeted module",
                                          tensor=f"{path}.{name}")
+        tensors = component.modules[path]
         check_tensors(path, tensors, schema)
         limit = getattr(limits, method.rank_limit)
         rank = method.rank(config, target)
