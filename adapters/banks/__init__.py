@@ -1,11 +1,20 @@
-"""Bank kinds by name. A method lists the kinds it writes; the pool allocates them."""
+"""Bank kinds by name. A method lists the kinds it writes; the pool allocates them.
+Every module in this package defining a :class:`Bank` subclass with a ``kind`` is found
+here, so adding a bank is adding one file."""
 
 from __future__ import annotations
 
-from adapters.banks.base import Bank
-from adapters.banks.lowrank import LowRankBank
-from adapters.banks.rowscale import RowScaleBank
+import importlib
+import inspect
+import pkgutil
 
-BANKS: dict[str, type[Bank]] = {cls.kind: cls for cls in (LowRankBank, RowScaleBank)}
+from adapters.banks.base import Bank
+
+BANKS: dict[str, type[Bank]] = {}
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+    _module = importlib.import_module(f"{__name__}.{_info.name}")
+    for _obj in vars(_module).values():
+        if inspect.isclass(_obj) and issubclass(_obj, Bank) and not inspect.isabstract(_obj):
+            BANKS[_obj.kind] = _obj
 
 __all__ = ["BANKS", "Bank"]
