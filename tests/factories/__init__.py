@@ -1,7 +1,8 @@
 """Random, non-identity adapters per method for the test matrix and the benchmarks.
 
-Each module in this package registers a factory with :func:`factory`; importing the package
-imports them all, so adding a method adds one file here.
+Each module in this package registers a factory with :func:`factory` under a method or
+generator name; a factory returns a whole :class:`Adapter` (usually one component).
+Importing the package imports them all, so adding a method adds one file here.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from adapters.method import Component
+from adapters.method import Adapter
 
-Factory = Callable[[nn.Module, torch.Generator], Component]
+Factory = Callable[[nn.Module, torch.Generator], Adapter]
 FACTORIES: dict[str, Factory] = {}
 
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from adapters import targets as tg
-from adapters.method import Component
+from adapters.method import Adapter, Component
 from adapters.methods.lora import LoraConfig
 from tests.factories import factory, randn
 
@@ -24,9 +24,9 @@ def lora_modules(model: nn.Module, config: LoraConfig, gen: torch.Generator
 
 
 @factory("lora")
-def make_lora(model: nn.Module, gen: torch.Generator) -> Component:
+def make_lora(model: nn.Module, gen: torch.Generator) -> Adapter:
     rank = int(torch.randint(2, 6, (1,), generator=gen))
     config = LoraConfig(r=rank, lora_alpha=float(2 * rank), target_modules=ATTENTION,
                         use_rslora=bool(torch.randint(0, 2, (1,), generator=gen)),
                         rank_pattern={"v_proj": rank + 1}, alpha_pattern={"q_proj": 3.0})
-    return Component("lora", config, lora_modules(model, config, gen))
+    return Adapter((Component("lora", config, lora_modules(model, config, gen)),))
