@@ -132,10 +132,21 @@ class SlotPool:
         return PreparedAdapter(adapter, data)
 
     def write(self, slot: int, prepared: PreparedAdapter) -> None:
-        """Copy prepared data into ``slot`` (evicting what it held); no other slot changes."""
+        """Copy prepared data into ``slot`` (evicting what it held); no other slot changes.
+        A write that fails part-way (data prepared for other limits or modules) leaves the
+        slot empty, never half-loaded."""
+        for path, kind in prepared.data:
+            layer = self.layers.get(path)
+            if layer is None or kind not in layer.by_kind:
+                raise PoolError(f"{path}: this pool has no {kind!r} bank on that module "
+                                "(data prepared for another pool?)")
         self.evict(slot)
-        for (path, kind), slot_data in prepared.data.items():
-            self.layers[path].by_kind[kind].write(slot, slot_data)
+        try:
+            for (path, kind), slot_data in prepared.data.items():
+                self.layers[path].by_kind[kind].write(slot, slot_data)
+        except BaseException:
+            self.evict(slot)
+            raise
         self.resident[slot] = prepared.adapter
 
     def load(self, slot: int, adapter: Adapter) -> None:

@@ -53,17 +53,23 @@ class Bank(ABC):
 
     # --- slot management --------------------------------------------------------------
     def write(self, slot: int, data: SlotData) -> None:
-        self.clear(slot)
+        # Check everything before copying anything: a refused write must leave the slot's
+        # rows at their fill values (gather mode reads the rows of unoccupied slots too).
         for name, src in data.tensors.items():
             if name not in self.t:
                 raise PoolError(f"{self.target.path}: bank {self.kind!r} has no tensor {name!r}")
-            dst = self.t[name][slot]
-            if src.dim() != dst.dim() or any(s > d for s, d in zip(src.shape, dst.shape,
-                                                                   strict=True)):
+            dst_shape = self.t[name].shape[1:]
+            if src.dim() != len(dst_shape) or any(s > d for s, d in zip(src.shape, dst_shape,
+                                                                        strict=True)):
                 raise PoolError(
                     f"{self.target.path}.{name}: shape {list(src.shape)} does not fit the "
-                    f"pool's {list(dst.shape)} (raise the pool limits)")
-            dst[tuple(slice(0, n) for n in src.shape)].copy_(src)
+                    f"pool's {list(dst_shape)} (raise the pool limits)")
+        if self.rank_tensor is not None and self.rank_tensor[0] not in data.tensors:
+            raise PoolError(f"{self.target.path}: bank {self.kind!r} needs tensor "
+                            f"{self.rank_tensor[0]!r}")
+        self.clear(slot)
+        for name, src in data.tensors.items():
+            self.t[name][slot][tuple(slice(0, n) for n in src.shape)].copy_(src)
         if self.rank_tensor is not None:
             name, dim = self.rank_tensor
             self.slot_rank[slot] = int(data.tensors[name].shape[dim])
