@@ -36,4 +36,6 @@ class NotMergeableError(AdapterError):
 
 
 class PoolError(AdapterError):
-    """A slot-pool operation that cannot be done (bad slot, adapter exceeds pool limits)."""
+    """A slot-pool operation that cannot be done (bad slot or slot id, method not enabled,
+    prepared data that does not fit this pool). An adapter over the pool's rank limits is
+    an ``AdapterValidationError``: it is invalid for this deployment."""

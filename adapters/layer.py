@@ -46,12 +46,15 @@ class AdapterLayer(nn.Module):
             if bank.stage == "input":
                 h = bank.apply(h, flat, weight, routing)
         x_in = h  # [N, in]
-        y = F.linear(x_in, weight)  # [N, out]
+        bias = bias_of(self.base)
+        # The bias joins the base GEMM (bit-identical base rows) unless a scale bank must
+        # act between them (DoRA scales W0 x + delta, not the bias).
+        late_bias = bias is not None and any(b.stage == "scale" for b in banks)
+        y = F.linear(x_in, weight, None if late_bias else bias)  # [N, out]
         for bank in banks:
             if bank.stage in ("delta", "scale"):
                 y = bank.apply(y, x_in, weight, routing)
-        bias = bias_of(self.base)
-        if bias is not None:
+        if late_bias and bias is not None:
             y = y + bias
         for bank in banks:
             if bank.stage == "output":

@@ -59,7 +59,7 @@ class DecodeStep:
     @torch.no_grad()
     def run(self, **kwargs: object) -> None:
         self.model(input_ids=self.next_ids, past_key_values=self.cache, use_cache=True, **kwargs)
-        self.cache.crop(self.prompt)
+        self.cache.crop(-1)  # drop the token just decoded: every step sees the same cache
 
 
 def median_ms(fn: Callable[[], None], reps: int) -> float:
