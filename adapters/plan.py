@@ -29,6 +29,7 @@ class Routing:
         self.unique_set = frozenset(self.unique)
         self.gather_budget = gather_budget
         self._rows: dict[int, torch.Tensor] = {}
+        self._membership: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def rows(self, slot: int) -> torch.Tensor:
         """Token positions ``[n_s]`` that use ``slot`` (cached for all layers)."""
@@ -36,6 +37,18 @@ class Routing:
         if found is None:
             found = torch.nonzero(self.slots == slot).flatten()
             self._rows[slot] = found
+        return found
+
+
+    def membership(self, active: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(slots [U], onehot [N, U])`` for a list of active slots; ``onehot[i, u]`` is 1
+        where token ``i`` uses ``slots[u]`` (cached: the banks of a batch share lists)."""
+        key = tuple(active)
+        found = self._membership.get(key)
+        if found is None:
+            slots = torch.tensor(active, dtype=torch.long, device=self.slots.device)
+            found = (slots, (self.slots.unsqueeze(1) == slots.unsqueeze(0)))  # [U], [N, U]
+            self._membership[key] = found
         return found
 
 

@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--counts", default="1,8,32")
     parser.add_argument("--methods", default=",".join(registry.all_names()))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gather-budget", type=int, default=PoolConfig().gather_budget,
+                        help="PoolConfig.gather_budget (0 = always segment mode)")
     parser.add_argument("--out", default="bench/results/decode_step.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -109,7 +111,8 @@ def main() -> None:
     base_ms = median_ms(DecodeStep(base_model, args.batch, args.prompt).run, args.reps)
 
     pool = SlotPool(base_model, PoolConfig(num_slots=max(counts), max_rank=args.rank,
-                                           max_bottleneck_dim=64))
+                                           max_bottleneck_dim=64,
+                                           gather_budget=args.gather_budget))
     step = DecodeStep(base_model, args.batch, args.prompt)
     wrapped_ms = median_ms(lambda: step.run(), args.reps)
     rows.append({"method": "base", "adapters": 0, "ms": base_ms, "vs_base": 1.0})

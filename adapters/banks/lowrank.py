@@ -1,6 +1,12 @@
 """Low-rank additive term ``y += B (A x)`` (LoRA, rsLoRA, DoRA's direction, HRA's WY form).
 
 The method's scale is folded into ``B`` when lowering, so the bank is scale-free.
+
+Gather mode has two forms, chosen by how many distinct slots ``U`` the ``N`` tokens use:
+- *stacked* (``2 U <= N``): the active slots' factors are read once and stacked,
+  ``H = X A_stack^T`` ``[N, U r]``, masked to each token's own block, ``Y = H B_stack``:
+  two GEMMs reading each adapter once (what makes decode with a few hot adapters cheap);
+- *per-token* (``U`` close to ``N``): gather each token's ``A``, ``B`` and run two bmm.
 """
 
 from __future__ import annotations
@@ -33,6 +39,23 @@ class LowRankBank(Bank):
 
     def apply_tokens(self, routing: Routing, active: list[int], h: torch.Tensor,
                      x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if 2 * len(active) <= routing.num_tokens:
+            return self.apply_stacked(routing, active, h, x)
+        return self.apply_per_token(routing, active, h, x)
+
+    def apply_stacked(self, routing: Routing, active: list[int], h: torch.Tensor,
+                      x: torch.Tensor) -> torch.Tensor:
+        r, u = self.max_rank(active), len(active)
+        slots, onehot = routing.membership(active)  # [U], [N, U]
+        a = self.t["A"].index_select(0, slots)[:, :r].reshape(u * r, -1)  # [U r, in]
+        b = self.t["B"].index_select(0, slots)[:, :, :r]  # [U, out, r]
+        b = b.transpose(0, 1).reshape(b.shape[1], u * r)  # [out, U r]
+        low = (x @ a.t()).view(-1, u, r)  # [N, U, r]: every token against every active A
+        low = low * onehot.unsqueeze(-1).to(low.dtype)  # keep each token's own slot block
+        return torch.addmm(h, low.view(-1, u * r), b.t())  # [N, out]
+
+    def apply_per_token(self, routing: Routing, active: list[int], h: torch.Tensor,
+                        x: torch.Tensor) -> torch.Tensor:
         r = self.max_rank(active)
         a = self.t["A"][routing.index, :r]  # [N, r, in]
         b = self.t["B"][routing.index, :, :r]  # [N, out, r]
