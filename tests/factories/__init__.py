@@ -14,7 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from adapters import targets as tg
 from adapters.method import Adapter
+from adapters.targets import TargetInfo
 
 Factory = Callable[[nn.Module, torch.Generator], Adapter]
 FACTORIES: dict[str, Factory] = {}
@@ -29,6 +31,14 @@ def factory(method: str) -> Callable[[Factory], Factory]:
 
 def randn(gen: torch.Generator, *shape: int, scale: float = 0.2) -> torch.Tensor:
     return torch.randn(*shape, generator=gen) * scale
+
+
+def per_target(model: nn.Module, target_modules: list[str] | str,
+               make: Callable[[TargetInfo], dict[str, torch.Tensor]]
+               ) -> dict[str, dict[str, torch.Tensor]]:
+    """``make(target)`` for every module of ``model`` that ``target_modules`` selects."""
+    available = tg.discover(model)
+    return {path: make(available[path]) for path in tg.resolve(target_modules, available)}
 
 
 for _info in pkgutil.iter_modules(__path__):

@@ -11,28 +11,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters import targets as tg
 from adapters.banks.bottleneck import Activation
 from adapters.method import Adapter, Component
 from adapters.methods.bottleneck import BottleneckConfig
-from tests.factories import factory, randn
+from adapters.targets import TargetInfo
+from tests.factories import factory, per_target, randn
 
 OUTPUTS = ["o_proj", "down_proj", "attn.c_proj", "mlp.c_proj"]
 
 
 def bottleneck_modules(model: nn.Module, config: BottleneckConfig, gen: torch.Generator
                        ) -> dict[str, dict[str, torch.Tensor]]:
-    available = tg.discover(model)
-    modules = {}
-    for path in tg.resolve(config.target_modules, available):
-        out, k = available[path].out_features, config.dim
+    def make(t: TargetInfo) -> dict[str, torch.Tensor]:
+        out, k = t.out_features, config.dim
         tensors = {"down_weight": randn(gen, k, out, scale=0.5), "down_bias": randn(gen, k),
                    "up_weight": randn(gen, out, k, scale=0.5), "up_bias": randn(gen, out)}
         if config.layer_norm:
             tensors["ln_weight"] = 1.0 + randn(gen, out)
             tensors["ln_bias"] = randn(gen, out)
-        modules[path] = tensors
-    return modules
+        return tensors
+    return per_target(model, config.target_modules, make)
 
 
 def make_bottleneck_adapter(model: nn.Module, gen: torch.Generator, *, dim: int,

@@ -3,10 +3,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters import targets as tg
 from adapters.method import Adapter, Component
 from adapters.methods.hra import HraConfig
-from tests.factories import factory, randn
+from tests.factories import factory, per_target, randn
 
 # two components on disjoint modules, so every draw covers both apply_GS modes
 FIRST = ["q_proj", "c_attn"]
@@ -16,9 +15,8 @@ SECOND = ["v_proj", "o_proj", "c_proj"]
 def hra_modules(model: nn.Module, config: HraConfig, gen: torch.Generator
                 ) -> dict[str, dict[str, torch.Tensor]]:
     """Random reflection vectors: independent columns (PEFT's paired init would be R = I)."""
-    available = tg.discover(model)
-    return {path: {"hra_u": randn(gen, available[path].in_features, config.r, scale=1.0)}
-            for path in tg.resolve(config.target_modules, available)}
+    return per_target(model, config.target_modules,
+                      lambda t: {"hra_u": randn(gen, t.in_features, config.r, scale=1.0)})
 
 
 @factory("hra")

@@ -3,24 +3,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters import targets as tg
 from adapters.method import Adapter, Component
 from adapters.methods.lora import LoraConfig
-from tests.factories import factory, randn
+from adapters.targets import TargetInfo
+from tests.factories import factory, per_target, randn
 
 ATTENTION = ["q_proj", "v_proj", "c_attn"]
 
 
 def lora_modules(model: nn.Module, config: LoraConfig, gen: torch.Generator
                  ) -> dict[str, dict[str, torch.Tensor]]:
-    available = tg.discover(model)
-    modules = {}
-    for path in tg.resolve(config.target_modules, available):
-        t = available[path]
-        r = config.rank_of(path)
-        modules[path] = {"lora_A": randn(gen, r, t.in_features),
-                         "lora_B": randn(gen, t.out_features, r)}
-    return modules
+    def make(t: TargetInfo) -> dict[str, torch.Tensor]:
+        r = config.rank_of(t.path)
+        return {"lora_A": randn(gen, r, t.in_features), "lora_B": randn(gen, t.out_features, r)}
+    return per_target(model, config.target_modules, make)
 
 
 @factory("lora")

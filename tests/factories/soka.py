@@ -3,11 +3,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters import targets as tg
 from adapters.banks.kron import kron_factors
 from adapters.method import Adapter, Component
 from adapters.methods.soka import SokaConfig
-from tests.factories import factory, randn
+from adapters.targets import TargetInfo
+from tests.factories import factory, per_target, randn
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "c_attn", "c_proj"]
 
@@ -15,15 +15,12 @@ TARGETS = ["q_proj", "v_proj", "up_proj", "c_attn", "c_proj"]
 def soka_modules(model: nn.Module, config: SokaConfig, gen: torch.Generator
                  ) -> dict[str, dict[str, torch.Tensor]]:
     """Random SoKA terms with the factor shapes of tessera's rule."""
-    available = tg.discover(model)
-    modules = {}
-    for path in tg.resolve(config.target_modules, available):
-        t = available[path]
+    def make(t: TargetInfo) -> dict[str, torch.Tensor]:
         f = kron_factors(t.out_features, t.in_features)
-        r = config.rank_of(path)
-        modules[path] = {"soka_A": randn(gen, r, f.m, f.n, scale=0.4),
-                         "soka_B": randn(gen, r, f.p, f.q, scale=0.4)}
-    return modules
+        r = config.rank_of(t.path)
+        return {"soka_A": randn(gen, r, f.m, f.n, scale=0.4),
+                "soka_B": randn(gen, r, f.p, f.q, scale=0.4)}
+    return per_target(model, config.target_modules, make)
 
 
 @factory("soka")
