@@ -39,7 +39,7 @@ def translate_errors(action: str) -> Iterator[None]:
     try:
         yield
     except rex.ResponseError as exc:
-        if str(exc).startswith("OOM"):
+        if isinstance(exc, rex.OutOfMemoryError) or str(exc).startswith("OOM"):
             raise StoreFullError(f"{action}: Redis is out of memory and refuses writes "
                                  "(maxmemory with noeviction); nothing was stored") from exc
         raise StoreUnavailableError(f"{action}: Redis answered with an error: {exc}") from exc

@@ -7,7 +7,9 @@ first, so they never contain ``:``)::
     P:events                                    pub/sub channel (JSON change events)
     P:tenants                                   SET of tenant names
     P:tenant:{tenant}                           HASH tenant record
+    P:tenant:{tenant}:apikeys                   SET sha256 hex of the tenant's API keys
     P:apikey:{sha256 hex}                       STRING tenant name (API keys stored hashed)
+    P:upload:{upload id}:{i}                    STRING staged chunk i of an upload (TTL)
     P:blob:{sha256}                             HASH size, chunks, refs
     P:blob:{sha256}:{i}                         STRING chunk i of the blob's bytes
     P:adapters:{tenant}                         SET adapter names of a tenant
@@ -17,6 +19,7 @@ first, so they never contain ``:``)::
     P:tasks:{tenant}                            SET task names of a tenant
     P:task:{tenant}:{task}                      HASH binding (adapter, version, revision, ...)
     P:task:{tenant}:{task}:history              LIST JSON binding changes, newest first
+    P:taskrefs:{tenant}                         HASH "{adapter}/{version}" -> bound tasks
     P:hypernets:{tenant}                        SET hypernetwork names
     P:hypernet:{tenant}:{name}:seq              INCR next version
     P:hypernet:{tenant}:{name}:versions         ZSET versions
@@ -58,6 +61,9 @@ class Keys:
     def tenant(self, tenant: str) -> str:
         return f"{self.root}:tenant:{tenant}"
 
+    def tenant_api_keys(self, tenant: str) -> str:
+        return f"{self.root}:tenant:{tenant}:apikeys"
+
     def api_key(self, key_hash: str) -> str:
         return f"{self.root}:apikey:{key_hash}"
 
@@ -67,6 +73,13 @@ class Keys:
 
     def blob_chunk(self, sha256: str, index: int) -> str:
         return f"{self.root}:blob:{sha256}:{index}"
+
+    def blob_chunk_pattern(self, sha256: str) -> str:
+        """SCAN pattern matching every chunk key of one blob (tests, diagnostics)."""
+        return f"{self.root}:blob:{sha256}:*"
+
+    def upload_chunk(self, upload_id: str, index: int) -> str:
+        return f"{self.root}:upload:{upload_id}:{index}"
 
     # --- adapters -----------------------------------------------------------------------
     def adapters(self, tenant: str) -> str:
@@ -90,6 +103,14 @@ class Keys:
 
     def task_history(self, tenant: str, task: str) -> str:
         return f"{self.root}:task:{tenant}:{task}:history"
+
+    def task_refs(self, tenant: str) -> str:
+        return f"{self.root}:taskrefs:{tenant}"
+
+    @staticmethod
+    def binding_ref(adapter: str, version: int) -> str:
+        """Field of :meth:`task_refs` counting the tasks bound to one adapter version."""
+        return f"{adapter}/{version}"
 
     # --- hypernetworks ------------------------------------------------------------------
     def hypernets(self, tenant: str) -> str:

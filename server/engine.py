@@ -1,0 +1,189 @@
+"""The engine: what the HTTP layer talks to.
+
+    engine = Engine(EngineSettings())
+    await engine.start()                       # loads the base model (in a thread)
+    handle = engine.submit(GenerationRequest(prompt="hi", adapter=AdapterSpec(key, loader)))
+    async for event in handle: ...             # TokenEvent per token; handle.cancel()
+    await engine.stop(drain_timeout=30)
+
+Hooks for the serving layer: ``engine.scheduler.on_step`` receives a :class:`StepReport`
+per forward (batch size, adapters per row: metrics, hot-tenant share of recent tokens);
+``engine.base`` gives the model and tokenizer (merged copies for hot tenants are built from
+``adapters.merged_weights(engine.base.model, adapter)``); the per-request loader is where
+host cache / Redis / HyperLoader generation plug in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from adapters import PoolConfig, SlotPool
+from server.detok import TextStream
+from server.errors import (
+    ContextLengthError,
+    EngineStoppedError,
+    RequestValidationError,
+)
+from server.model import LoadedModel, load_base
+from server.requests import GenerationRequest, RequestHandle
+from server.sampling import Sampler
+from server.scheduler import Scheduler
+from server.settings import EngineSettings
+from server.slots import SlotManager, SlotStats
+from server.step import Row, Stepper
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    queue_depth: int
+    running_rows: int
+    prefilling_rows: int
+    steps: int
+    last_batch_size: int
+    last_distinct_adapters: int
+    tokens_in: int
+    tokens_out: int
+    finished: dict[str, int]
+    slots: SlotStats
+    resident_adapters: int
+
+
+class Engine:
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self._base: LoadedModel | None = None
+        self._scheduler: Scheduler | None = None
+        self._slots: SlotManager | None = None
+        self._forward: ThreadPoolExecutor | None = None
+        self._loads: ThreadPoolExecutor | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._scheduler is not None:
+            raise RuntimeError("engine already started")
+        self._forward = ThreadPoolExecutor(1, thread_name_prefix="tessera-forward")
+        self._loads = ThreadPoolExecutor(self.settings.load_workers,
+                                         thread_name_prefix="tessera-load")
+        loop = asyncio.get_running_loop()
+        self._base = await loop.run_in_executor(self._forward, load_base, self.settings)
+        pool = SlotPool(self._base.model, PoolConfig(
+            num_slots=self.settings.num_slots, max_rank=self.settings.max_rank,
+            max_bottleneck_dim=self.settings.max_bottleneck_dim,
+            gather_budget=self.settings.gather_budget))
+        scheduler: Scheduler | None = None
+
+        def wake() -> None:
+            if scheduler is not None:
+                scheduler.wake()
+
+        self._slots = SlotManager(pool, self._loads, on_change=wake)
+        scheduler = Scheduler(self.settings, Stepper(self._base, pool), self._slots,
+                              self._forward)
+        self._scheduler = scheduler
+        scheduler.start()
+        log.info("engine started", extra={"model": self._base.name,
+                                          "slots": self.settings.num_slots,
+                                          "pool_bytes": pool.nbytes})
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting, finish in-flight requests (``drain_timeout`` seconds at most,
+        default from the settings), then release the threads."""
+        timeout = self.settings.drain_timeout_s if drain_timeout is None else drain_timeout
+        if self._scheduler is not None:
+            await self._scheduler.stop(timeout)
+        if self._slots is not None:
+            await self._slots.close()
+        for executor in (self._forward, self._loads):
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+        log.info("engine stopped")
+
+    @property
+    def base(self) -> LoadedModel:
+        if self._base is None:
+            raise EngineStoppedError("the engine is not started")
+        return self._base
+
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            raise EngineStoppedError("the engine is not started")
+        return self._scheduler
+
+    @property
+    def slots(self) -> SlotManager:
+        if self._slots is None:
+            raise EngineStoppedError("the engine is not started")
+        return self._slots
+
+    # --- requests -----------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Validate, queue and return the request's handle. Raises
+        ``RequestValidationError`` / ``ContextLengthError`` (bad request), ``QueueFullError``
+        (retry later), ``EngineStoppedError`` (shutting down). Call on the event loop."""
+        scheduler, base = self.scheduler, self.base
+        prompt = self._prompt_ids(request)
+        params = request.sampling
+        max_tokens = params.max_tokens or self.settings.default_max_tokens
+        if max_tokens > self.settings.max_tokens_limit:
+            raise RequestValidationError(f"max_tokens {max_tokens} exceeds the limit of "
+                                         f"{self.settings.max_tokens_limit}")
+        if len(prompt) + max_tokens > base.context_limit:
+            raise ContextLengthError(len(prompt), max_tokens, base.context_limit)
+        if len(params.stop) > self.settings.max_stop_sequences:
+            raise RequestValidationError(f"{len(params.stop)} stop sequences; at most "
+                                         f"{self.settings.max_stop_sequences} allowed")
+        if any(len(s) > self.settings.max_stop_length or not s for s in params.stop):
+            raise RequestValidationError(f"stop sequences must be 1 to "
+                                         f"{self.settings.max_stop_length} characters")
+        handle = RequestHandle(request.request_id, len(prompt), scheduler.wake)
+        adapter = request.adapter
+        seq = Row(request_id=request.request_id, handle=handle, prompt=prompt,
+                       max_tokens=max_tokens, sampler=Sampler(params),
+                       stream=TextStream(base.decode, params.stop, prompt),
+                       key=adapter.key if adapter else None,
+                       loader=adapter.loader if adapter else None,
+                       ignore_eos=params.ignore_eos, submitted_at=time.monotonic())
+        scheduler.enqueue(seq)  # raises QueueFullError / EngineStoppedError
+        if adapter is not None:
+            self.slots.request(adapter.key, adapter.loader)
+        return handle
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        base = self.base
+        if (request.prompt is None) == (request.messages is None):
+            raise RequestValidationError("give exactly one of prompt and messages")
+        if request.messages is not None:
+            ids = base.apply_chat_template(request.messages)
+        elif isinstance(request.prompt, str):
+            ids = base.encode(request.prompt)
+        else:
+            assert request.prompt is not None
+            ids = [int(i) for i in request.prompt]
+            vocab = int(base.model.config.vocab_size)
+            bad = [i for i in ids if not 0 <= i < vocab]
+            if bad:
+                raise RequestValidationError(f"token id {bad[0]} is outside the vocabulary "
+                                             f"[0, {vocab})")
+        if not ids:
+            raise RequestValidationError("the prompt is empty")
+        return ids
+
+    def stats(self) -> EngineStats:
+        scheduler, slots = self.scheduler, self.slots
+        s = scheduler.stats
+        return EngineStats(
+            queue_depth=len(scheduler.waiting), running_rows=len(scheduler.stepper.running),
+            prefilling_rows=len(scheduler.prefilling), steps=s.steps,
+            last_batch_size=s.last_batch_size,
+            last_distinct_adapters=s.last_distinct_adapters, tokens_in=s.tokens_in,
+            tokens_out=s.tokens_out, finished=dict(s.finished),
+            slots=SlotStats(**{**vars(slots.stats),
+                               "load_seconds": list(slots.stats.load_seconds)}),
+            resident_adapters=len(slots.resident_keys))

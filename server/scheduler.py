@@ -1,0 +1,276 @@
+"""Continuous batching on the event loop, forwards in one worker thread.
+
+Every iteration of :meth:`Scheduler._run`:
+
+1. reap: cancelled waiting requests finish, cancelled rows are marked for removal (and
+   unpinned), requests whose adapter load failed fail (only those);
+2. admit: waiting requests whose adapter holds a slot (pinned for the row) join, up to
+   ``max_batch_rows``; a cold adapter's load was started at submit, off the loop;
+3. step (forward thread): drop removed rows, copy newly placed adapters into their slots,
+   one decode forward over every running row — any mix of adapters and methods, slot id
+   per row — then prefill chunks of joining rows (their first token comes out of it);
+4. deliver the step's events to the requests' handles; finished rows are unpinned.
+
+A request submitted during a step joins at the next one. The asyncio loop never runs
+a forward, so it stays responsive. KV cache layout and costs: :mod:`server.kvcache`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from server.errors import AdapterLoadError, EngineStoppedError, QueueFullError, StepError
+from server.requests import FinishReason, TokenEvent
+from server.settings import EngineSettings
+from server.slots import SlotManager
+from server.step import Row, Stepper, StepPlan, StepResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one forward step ran (for metrics and tests)."""
+
+    index: int
+    request_ids: tuple[str, ...]  # per forward row: decode rows, then prefill chunks
+    adapters: tuple[str | None, ...]  # per forward row; None = base
+    decode_rows: int
+    prefill_tokens: int
+
+    @property
+    def distinct_adapters(self) -> int:
+        return len({a for a in self.adapters if a is not None})
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    tokens_in: int = 0  # prompt tokens prefilled
+    tokens_out: int = 0  # tokens generated
+    last_batch_size: int = 0
+    last_distinct_adapters: int = 0
+    finished: dict[str, int] = field(default_factory=dict)  # finish reason / "error" -> n
+
+
+class Scheduler:
+    def __init__(self, settings: EngineSettings, stepper: Stepper, slots: SlotManager,
+                 executor: ThreadPoolExecutor) -> None:
+        self.settings = settings
+        self.stepper = stepper
+        self.slots = slots
+        self.executor = executor  # one thread: forwards are serialised
+        self.stats = SchedulerStats()
+        self.on_step: list[Callable[[StepReport], None]] = []
+        self.waiting: deque[Row] = deque()
+        self.prefilling: list[Row] = []
+        self._removed: set[Row] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._accepting = False
+        self._abort = False
+        self._idle = asyncio.Event()
+        self._latency_ewma = 1.0  # seconds per request (the Retry-After estimate)
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._accepting = True
+        self._task = asyncio.create_task(self._run(), name="tessera scheduler")
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop accepting; let waiting and running requests finish for up to
+        ``drain_timeout`` seconds, then end the rest with finish reason "shutdown"."""
+        self._accepting = False
+        self.wake()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout=drain_timeout)
+        except TimeoutError:
+            log.warning("drain timed out; ending the remaining requests",
+                        extra={"running": len(self.stepper.running),
+                               "waiting": len(self.waiting)})
+            self._abort = True
+            self.wake()
+            await self._task
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # --- admission ----------------------------------------------------------------------
+    def enqueue(self, seq: Row) -> None:
+        if not self._accepting:
+            raise EngineStoppedError("the engine is not accepting requests")
+        if len(self.waiting) >= self.settings.max_queue:
+            raise QueueFullError(len(self.waiting), self.retry_after())
+        self.waiting.append(seq)
+        self.wake()
+
+    def retry_after(self) -> int:
+        rounds = math.ceil((len(self.waiting) + 1) / self.settings.max_batch_rows)
+        estimate = math.ceil(self._latency_ewma * rounds)
+        return max(self.settings.retry_after_min_s,
+                   min(self.settings.retry_after_max_s, estimate))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.stepper.running)
+
+    # --- the loop -----------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            if self._abort:
+                self._abort_all()
+                return
+            self._reap()
+            self._admit()
+            plan = self._plan()
+            if plan is None:
+                if not self._accepting and not self.busy:
+                    return
+                await self._wake.wait()
+                continue
+            self._removed = set()
+            index = self.stats.steps
+            self.stats.steps += 1
+            try:
+                result = await loop.run_in_executor(self.executor, self.stepper.step, plan)
+            except Exception as exc:  # a failed step fails its rows; serving goes on
+                log.exception("step failed", extra={"step": index})
+                self._fail_batch(StepError(f"forward step failed: {exc!r}"))
+                continue
+            self._deliver(index, result)
+
+    def _reap(self) -> None:
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            self._finish(seq, "cancelled", None)
+        failed: set[str] = set()
+        for seq in list(self.waiting):
+            error = self.slots.failure(seq.key) if seq.key is not None else None
+            if error is not None:
+                self.waiting.remove(seq)
+                failed.add(error.key)
+                self._fail(seq, error)
+        for key in failed:
+            self.slots.forget_failure(key)
+        for seq in [*self.prefilling, *self.stepper.running]:
+            if seq.cancelled and seq not in self._removed:
+                self._removed.add(seq)
+                if seq in self.prefilling:
+                    self.prefilling.remove(seq)
+                    seq.cache = None
+                self._finish(seq, "cancelled", None)
+
+    def _admit(self) -> None:
+        live = len(self.stepper.running) - len(self._removed & set(self.stepper.running))
+        free = self.settings.max_batch_rows - live - len(self.prefilling)
+        for seq in list(self.waiting):
+            if free <= 0:
+                break
+            if seq.key is None:
+                seq.slot = -1
+            else:
+                slot = self.slots.acquire(seq.key)
+                if slot is None:
+                    if seq.loader is not None:  # evicted while it waited: load again
+                        self.slots.request(seq.key, seq.loader, count=False)
+                    continue
+                seq.slot = slot
+            self.waiting.remove(seq)
+            self.prefilling.append(seq)
+            free -= 1
+        self.slots.drop_unneeded({s.key for s in self.waiting if s.key is not None})
+
+    def _plan(self) -> StepPlan | None:
+        budget = self.settings.prefill_tokens_per_step
+        prefill: list[tuple[Row, int]] = []
+        for seq in self.prefilling:
+            if budget <= 0:
+                break
+            count = min(self.settings.prefill_chunk, len(seq.prompt) - seq.prefilled, budget)
+            prefill.append((seq, count))
+            budget -= count
+        writes = self.slots.take_writes()
+        live = [s for s in self.stepper.running if s not in self._removed]
+        if not prefill and not live and not writes and not self._removed:
+            return None
+        return StepPlan(writes=writes, prefill=prefill, dropped=set(self._removed))
+
+    def _deliver(self, index: int, result: StepResult) -> None:
+        for write, exc in result.failed_writes:
+            self.slots.write_failed(write)
+            error = AdapterLoadError(write.key, exc)
+            for seq in [s for s in self.prefilling if s.key == write.key]:
+                self.prefilling.remove(seq)
+                self._fail(seq, error, release=False)
+            for seq in [s for s in self.waiting if s.key == write.key]:
+                self.waiting.remove(seq)
+                self._fail(seq, error, release=False)
+        for seq, event in result.events:
+            seq.handle.put(event)
+        for seq in result.joined:
+            self.prefilling.remove(seq)
+        for seq in result.finished:
+            if seq in self.prefilling:
+                self.prefilling.remove(seq)
+            self._finish(seq, seq.finish or "stop", None, send=False)
+        self.stats.tokens_in += result.prefill_tokens
+        self.stats.tokens_out += len(result.events)
+        self.stats.last_batch_size = len(result.adapters)  # decode rows + prefill rows
+        report = StepReport(index=index,
+                            request_ids=tuple(result.request_ids),
+                            adapters=tuple(result.adapters), decode_rows=result.decode_rows,
+                            prefill_tokens=result.prefill_tokens)
+        self.stats.last_distinct_adapters = report.distinct_adapters
+        for callback in self.on_step:
+            callback(report)
+
+    # --- endings ------------------------------------------------------------------------
+    def _finish(self, seq: Row, reason: FinishReason, error: BaseException | None,
+                *, send: bool = True, release: bool = True) -> None:
+        if seq.ended:
+            return
+        seq.ended = True
+        if release and seq.key is not None and seq.slot >= 0:
+            self.slots.release(seq.key)
+            seq.slot = -1
+        key = "error" if error is not None else reason
+        self.stats.finished[key] = self.stats.finished.get(key, 0) + 1
+        elapsed = time.monotonic() - seq.submitted_at
+        self._latency_ewma = 0.9 * self._latency_ewma + 0.1 * elapsed
+        if error is not None:
+            seq.handle.put(error)
+        elif send:
+            seq.handle.put(TokenEvent(token_id=None, text=seq.stream.flush(),
+                                      finish_reason=reason, prompt_tokens=len(seq.prompt),
+                                      completion_tokens=seq.completion))
+
+    def _fail(self, seq: Row, error: BaseException, *, release: bool = True) -> None:
+        self._finish(seq, "stop", error, release=release)
+
+    def _fail_batch(self, error: BaseException) -> None:
+        for seq in [*self.stepper.running, *self.prefilling]:
+            self._fail(seq, error)
+        self.prefilling = []
+        self._removed = set()
+        self.stepper.clear()
+
+    def _abort_all(self) -> None:
+        for seq in list(self.waiting):
+            self._finish(seq, "shutdown", None)
+        self.waiting.clear()
+        for seq in [*self.prefilling, *self.stepper.running]:
+            self._finish(seq, "shutdown", None)
+        self.prefilling = []
+        self._removed = set()
+        self.stepper.clear()

@@ -1,0 +1,79 @@
+"""Engine settings: passed in by whoever builds the engine (``TESSERA_*`` environment
+variables when built with ``EngineSettings()``); nothing here is read at import time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+Device = Literal["cpu", "cuda", "auto"]
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                  "float16": torch.float16}
+
+
+class EngineSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TESSERA_", extra="forbid",
+                                      protected_namespaces=())
+
+    # --- base model ---------------------------------------------------------------------
+    model: str | None = Field(
+        None, description="local directory or hub id of the base model; None = the small "
+                          "built-in model (server.builtin), materialised into builtin_dir")
+    allow_download: bool = Field(
+        False, description="let a hub id download; otherwise only local files / the local "
+                           "HF cache are read (local_files_only=True)")
+    revision: str | None = Field(None, description="hub revision (commit) of a hub model")
+    builtin_dir: Path | None = Field(None, description="where the built-in model is written; "
+                                                       "None = the user cache directory")
+    dtype: Dtype = "float32"
+    device: Device = "auto"
+
+    # --- slot pool ----------------------------------------------------------------------
+    num_slots: int = Field(8, ge=1, le=65536, description="adapters resident on the device")
+    max_rank: int = Field(16, ge=1)
+    max_bottleneck_dim: int = Field(64, ge=1)
+    gather_budget: int = Field(1 << 22, ge=0)
+    load_workers: int = Field(2, ge=1, le=64, description="threads validating + lowering")
+
+    # --- scheduler ----------------------------------------------------------------------
+    max_batch_rows: int = Field(32, ge=1, description="rows (requests) in one forward")
+    max_queue: int = Field(256, ge=1, description="requests waiting to join the batch; "
+                                                  "more -> QueueFullError")
+    default_max_tokens: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(4096, ge=1)
+    context_limit: int | None = Field(
+        None, ge=2, description="prompt + max_tokens limit; None = the model's "
+                                "max_position_embeddings")
+    prefill_chunk: int = Field(512, ge=1, description="prompt tokens per prefill forward")
+    prefill_tokens_per_step: int = Field(
+        2048, ge=1, description="prompt tokens prefilled between two decode steps (bounds "
+                                "the decode stall a long prompt causes)")
+    max_stop_sequences: int = Field(8, ge=0)
+    max_stop_length: int = Field(128, ge=1)
+    drain_timeout_s: float = Field(30.0, ge=0)
+    retry_after_min_s: int = Field(1, ge=1)
+    retry_after_max_s: int = Field(60, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineSettings:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens {self.default_max_tokens} exceeds "
+                             f"max_tokens_limit {self.max_tokens_limit}")
+        if self.retry_after_min_s > self.retry_after_max_s:
+            raise ValueError("retry_after_min_s exceeds retry_after_max_s")
+        return self
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)

@@ -1,0 +1,250 @@
+"""The engine end to end on the built-in model: every output is compared with the
+independent reference path (reference_model + a plain greedy loop, tests/server/conftest)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from adapters import Adapter, AdapterValidationError, Component
+from server.errors import (
+    AdapterLoadError,
+    ContextLengthError,
+    EngineStoppedError,
+    RequestValidationError,
+)
+from server.requests import AdapterSpec, GenerationRequest
+from server.sampling import SamplingParams
+from server.scheduler import StepReport
+from tests.server.conftest import GREEDY, METHODS, PROMPTS, EngineFactory, Reference, spec
+
+
+async def test_mixed_batch_every_method_matches_reference(
+        make_engine: EngineFactory, adapters: dict[str, Adapter], reference: Reference) -> None:
+    engine = await make_engine(num_slots=8)
+    reports: list[StepReport] = []
+    engine.scheduler.on_step.append(reports.append)
+    threads: set[str] = set()
+    engine.base.model.register_forward_pre_hook(
+        lambda *_: threads.add(threading.current_thread().name))
+    jobs: list[tuple[str, Adapter | None, str]] = [
+        (name, adapters[name], PROMPTS[i]) for i, name in enumerate(METHODS)]
+    jobs.append(("base", None, PROMPTS[len(METHODS)]))
+    handles = [engine.submit(GenerationRequest(
+        prompt=prompt, adapter=spec(name, a) if a is not None else None, sampling=GREEDY))
+        for name, a, prompt in jobs]  # all submitted before the loop runs: one batch
+    results = await asyncio.gather(*(h.result() for h in handles))
+    base_out = reference.greedy(None, jobs[-1][2], 8)
+    for (name, adapter, prompt), result in zip(jobs, results, strict=True):
+        expected = reference.greedy(adapter, prompt, 8)
+        assert result.token_ids == expected, name
+        assert result.text == reference.text(expected), name
+        assert result.finish_reason == "length"
+        assert result.prompt_tokens == len(reference.ids(prompt))
+    assert base_out == results[-1].token_ids
+    # The check has teeth: on each row's prompt, every other adapter (and the base) gives
+    # other tokens, so a row run with the wrong slot, or without one, would be caught.
+    choices = [None, *adapters.values()]
+    for (name, adapter, prompt), result in zip(jobs, results, strict=True):
+        others = [reference.greedy(a, prompt, 8) for a in choices if a is not adapter]
+        assert result.token_ids not in others, name
+    # all eight ran together in decode steps: 7 adapters of 7 kinds + the base
+    assert max(r.decode_rows for r in reports) == len(jobs)
+    assert max(r.distinct_adapters for r in reports) == len(METHODS)
+    assert threads == {"tessera-forward_0"}  # never on the event loop's thread
+    stats = engine.stats()
+    assert stats.tokens_out == 8 * len(jobs)
+    assert stats.slots.loads == len(METHODS) and stats.slots.evictions == 0
+
+
+async def test_more_adapters_than_slots(make_engine: EngineFactory,
+                                        adapters: dict[str, Adapter],
+                                        reference: Reference) -> None:
+    engine = await make_engine(num_slots=3)
+    jobs: list[tuple[str, Adapter | None, str]] = [
+        (name, adapters[name], PROMPTS[(i + r) % len(PROMPTS)])
+        for r in range(2) for i, name in enumerate(METHODS)]
+    jobs += [("base", None, PROMPTS[0])]
+    handles = [engine.submit(GenerationRequest(
+        prompt=p, adapter=spec(n, a) if a is not None else None, sampling=GREEDY))
+        for n, a, p in jobs]
+    results = await asyncio.gather(*(h.result() for h in handles))
+    for (name, adapter, prompt), result in zip(jobs, results, strict=True):
+        assert result.token_ids == reference.greedy(adapter, prompt, 8), name
+    stats = engine.stats().slots
+    assert stats.evictions >= len(METHODS) - 3
+    assert stats.hits + stats.misses == 2 * len(METHODS)
+    assert all(engine.slots.pins(name) == 0 for name in METHODS)
+
+
+async def test_lru_eviction_keeps_recently_used(make_engine: EngineFactory,
+                                                adapters: dict[str, Adapter]) -> None:
+    engine = await make_engine(num_slots=2)
+
+    async def run(name: str) -> None:
+        await engine.submit(GenerationRequest(prompt="hi", adapter=spec(name, adapters[name]),
+                                              sampling=GREEDY)).result()
+
+    for name in ("lora", "hra", "lora", "soka"):  # lora was used after hra: hra goes
+        await run(name)
+    assert set(engine.slots.resident_keys) == {"lora", "soka"}
+    stats = engine.stats().slots
+    assert (stats.hits, stats.misses, stats.evictions) == (1, 3, 1)
+
+
+async def test_failing_loads_fail_only_their_requests(
+        make_engine: EngineFactory, adapters: dict[str, Adapter], reference: Reference) -> None:
+    engine = await make_engine()
+
+    async def broken() -> Adapter:
+        raise RuntimeError("redis said no")
+
+    lora = adapters["lora"].components[0]
+    path, tensors = next(iter(lora.modules.items()))
+    poisoned = {**tensors, "lora_A": torch.full_like(tensors["lora_A"], float("nan"))}
+    nan_adapter = Adapter((Component("lora", lora.config, {**lora.modules, path: poisoned}),))
+    good = [engine.submit(GenerationRequest(prompt=PROMPTS[i], adapter=spec(n, adapters[n]),
+                                            sampling=GREEDY))
+            for i, n in enumerate(("hut", "dora"))]
+    bad_loader = engine.submit(GenerationRequest(prompt="x", adapter=AdapterSpec("b", broken),
+                                                 sampling=GREEDY))
+    bad_weights = engine.submit(GenerationRequest(prompt="x", adapter=spec("nan", nan_adapter),
+                                                  sampling=GREEDY))
+    with pytest.raises(AdapterLoadError, match="redis said no") as caught:
+        await bad_loader.result()
+    assert caught.value.key == "b" and isinstance(caught.value.cause, RuntimeError)
+    with pytest.raises(AdapterLoadError) as caught:
+        await bad_weights.result()
+    assert isinstance(caught.value.cause, AdapterValidationError)
+    assert path in str(caught.value)  # names the offending tensor
+    for i, (name, handle) in enumerate(zip(("hut", "dora"), good, strict=True)):
+        assert (await handle.result()).token_ids == reference.greedy(adapters[name],
+                                                                     PROMPTS[i], 8)
+    # a failure is not remembered: the same key loads once its loader works
+    again = await engine.submit(GenerationRequest(prompt="x", adapter=spec("b", adapters["hra"]),
+                                                  sampling=GREEDY)).result()
+    assert again.token_ids == reference.greedy(adapters["hra"], "x", 8)
+    assert engine.stats().slots.load_failures == 2
+
+
+async def test_slot_write_out_of_memory_fails_only_that_adapter(
+        make_engine: EngineFactory, adapters: dict[str, Adapter], reference: Reference,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = await make_engine()
+    pool = engine.slots.pool
+    real_write = pool.write
+
+    def write(slot: int, prepared: object) -> None:
+        if getattr(prepared, "adapter", None) is adapters["soka"]:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        real_write(slot, prepared)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pool, "write", write)
+    doomed = engine.submit(GenerationRequest(prompt="a", adapter=spec("soka", adapters["soka"]),
+                                             sampling=GREEDY))
+    fine = engine.submit(GenerationRequest(prompt="b", adapter=spec("hra", adapters["hra"]),
+                                           sampling=GREEDY))
+    with pytest.raises(AdapterLoadError, match="out of memory"):
+        await doomed.result()
+    assert (await fine.result()).token_ids == reference.greedy(adapters["hra"], "b", 8)
+    assert "soka" not in engine.slots.resident_keys
+    base = await engine.submit(GenerationRequest(prompt="c", sampling=GREEDY)).result()
+    assert base.token_ids == reference.greedy(None, "c", 8)  # still serving
+
+
+async def test_concurrent_cold_requests_load_once(
+        make_engine: EngineFactory, adapters: dict[str, Adapter], reference: Reference) -> None:
+    engine = await make_engine()
+    calls: list[str] = []
+    handles = [engine.submit(GenerationRequest(prompt=PROMPTS[i],
+                                               adapter=spec("hut", adapters["hut"], calls),
+                                               sampling=GREEDY)) for i in range(4)]
+    results = await asyncio.gather(*(h.result() for h in handles))
+    for i, result in enumerate(results):
+        assert result.token_ids == reference.greedy(adapters["hut"], PROMPTS[i], 8)
+    assert calls == ["hut"]
+    assert engine.stats().slots.loads == 1
+
+
+async def test_over_context_and_bad_requests(make_engine: EngineFactory) -> None:
+    engine = await make_engine(context_limit=64, max_tokens_limit=50, default_max_tokens=10)
+    prompt = "y" * 29  # + BOS = 30 tokens
+    with pytest.raises(ContextLengthError) as caught:
+        engine.submit(GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=40)))
+    message = str(caught.value)
+    assert "30" in message and "40" in message and "64" in message
+    assert (caught.value.prompt_tokens, caught.value.max_tokens) == (30, 40)
+    engine.submit(GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=34)))
+    with pytest.raises(RequestValidationError, match="max_tokens 51"):
+        engine.submit(GenerationRequest(prompt="a", sampling=SamplingParams(max_tokens=51)))
+    with pytest.raises(RequestValidationError, match="outside the vocabulary"):
+        engine.submit(GenerationRequest(prompt=[1, 10**6]))
+    with pytest.raises(RequestValidationError, match="exactly one"):
+        engine.submit(GenerationRequest())
+    with pytest.raises(RequestValidationError, match="stop sequences"):
+        engine.submit(GenerationRequest(prompt="a", sampling=SamplingParams(stop=("",))))
+
+
+async def test_chat_messages_and_token_prompts(make_engine: EngineFactory,
+                                               adapters: dict[str, Adapter],
+                                               reference: Reference) -> None:
+    engine = await make_engine()
+    messages = [{"role": "user", "content": "Hi there"}]
+    chat_ids = engine.base.apply_chat_template(messages)
+    chat = engine.submit(GenerationRequest(messages=messages, sampling=GREEDY,
+                                           adapter=spec("hra", adapters["hra"])))
+    raw = engine.submit(GenerationRequest(prompt=[256, 5, 250, 17], sampling=GREEDY))
+    assert (await chat.result()).token_ids == reference.greedy(adapters["hra"], chat_ids, 8)
+    assert (await raw.result()).token_ids == reference.greedy(None, [256, 5, 250, 17], 8)
+
+
+async def test_graceful_stop_drains_then_refuses(make_engine: EngineFactory,
+                                                 adapters: dict[str, Adapter],
+                                                 reference: Reference) -> None:
+    engine = await make_engine()
+    handles = [engine.submit(GenerationRequest(prompt=PROMPTS[i], sampling=GREEDY,
+                                               adapter=spec(n, adapters[n])))
+               for i, n in enumerate(("lora", "bottleneck"))]
+    await engine.stop(drain_timeout=60)
+    for i, (name, handle) in enumerate(zip(("lora", "bottleneck"), handles, strict=True)):
+        result = await handle.result()
+        assert result.finish_reason == "length"
+        assert result.token_ids == reference.greedy(adapters[name], PROMPTS[i], 8)
+    with pytest.raises(EngineStoppedError):
+        engine.submit(GenerationRequest(prompt="late"))
+
+
+async def test_stop_times_out_long_requests(make_engine: EngineFactory) -> None:
+    engine = await make_engine()
+    long = engine.submit(GenerationRequest(prompt="a", sampling=SamplingParams(
+        temperature=0, max_tokens=1000, ignore_eos=True)))
+    events = long.events()
+    first = await anext(events)
+    assert first.finish_reason is None
+    await engine.stop(drain_timeout=0)
+    rest = [e async for e in events]
+    assert rest[-1].finish_reason == "shutdown"
+    assert rest[-1].completion_tokens < 1000
+
+
+async def test_chunked_prefill_and_row_limit(make_engine: EngineFactory,
+                                             adapters: dict[str, Adapter],
+                                             reference: Reference) -> None:
+    """Prompts prefilled 3 tokens per forward, 5 per step, at most 3 rows at once: long
+    prompts span many steps while other rows decode; the rest wait for room."""
+    engine = await make_engine(prefill_chunk=3, prefill_tokens_per_step=5, max_batch_rows=3)
+    reports: list[StepReport] = []
+    engine.scheduler.on_step.append(reports.append)
+    names = ("soka", "bottleneck", "hyperloader", "lora", "dora")
+    handles = [engine.submit(GenerationRequest(prompt=PROMPTS[6 - i], sampling=GREEDY,
+                                               adapter=spec(n, adapters[n])))
+               for i, n in enumerate(names)]
+    results = await asyncio.gather(*(h.result() for h in handles))
+    for i, (name, result) in enumerate(zip(names, results, strict=True)):
+        assert result.token_ids == reference.greedy(adapters[name], PROMPTS[6 - i], 8), name
+    assert max(r.prefill_tokens for r in reports) <= 5
+    assert max(len(r.adapters) for r in reports) <= 3
+    assert any(r.decode_rows and r.prefill_tokens for r in reports)  # interleaved
