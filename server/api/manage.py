@@ -1,0 +1,89 @@
+"""Tenants (admin), adapters and tasks (tenant-scoped)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from server.auth import Admin, TenantName
+from server.schemas import (
+    Activate,
+    AdapterList,
+    AdapterOut,
+    AdapterVersionOut,
+    Deactivate,
+    TaskList,
+    TaskOut,
+    TenantCreate,
+    TenantCreated,
+)
+from server.service import Service, get_service
+from server.uploads import parse_upload, read_form
+
+router = APIRouter(prefix="/v1")
+Svc = Annotated[Service, Depends(get_service)]
+
+
+@router.post("/tenants", status_code=201)
+async def create_tenant(body: TenantCreate, _: Admin, service: Svc) -> TenantCreated:
+    tenant, api_key = await service.store.store.create_tenant(body.name)
+    return TenantCreated(name=tenant.name, api_key=api_key)
+
+
+@router.post("/adapters/{name}", status_code=201)
+async def upload_adapter(name: str, request: Request, tenant: TenantName,
+                         service: Svc) -> AdapterVersionOut:
+    settings = service.settings
+    form = await read_form(request, settings.max_upload_bytes)
+    try:
+        upload = await parse_upload(form, settings.max_archive_bytes)
+    finally:
+        await form.close()
+    return AdapterVersionOut.of(await service.upload(tenant, name, upload))
+
+
+@router.get("/adapters")
+async def list_adapters(tenant: TenantName, service: Svc) -> AdapterList:
+    return AdapterList(adapters=await service.store.store.list_adapters(tenant))
+
+
+@router.get("/adapters/{name}")
+async def get_adapter(name: str, tenant: TenantName, service: Svc) -> AdapterOut:
+    versions = await service.versions(tenant, name)
+    return AdapterOut(name=name, versions=[AdapterVersionOut.of(v) for v in versions])
+
+
+@router.delete("/adapters/{name}/versions/{version}", status_code=204)
+async def delete_version(name: str, version: int, tenant: TenantName,
+                         service: Svc) -> Response:
+    await service.store.delete_version(tenant, name, version)
+    return Response(status_code=204)
+
+
+@router.post("/tasks/{task}/activate")
+async def activate(task: str, body: Activate, tenant: TenantName, service: Svc) -> TaskOut:
+    binding = await service.store.activate(tenant, task, body.adapter, body.version,
+                                           actor=tenant,
+                                           expected_revision=body.expected_revision)
+    return TaskOut.of(binding)
+
+
+@router.post("/tasks/{task}/deactivate")
+async def deactivate(task: str, tenant: TenantName, service: Svc,
+                     body: Deactivate | None = None) -> TaskOut:
+    await service.task(tenant, task)  # 404 for an unknown (or another tenant's) task
+    revision = await service.store.deactivate(
+        tenant, task, actor=tenant,
+        expected_revision=body.expected_revision if body else None)
+    return TaskOut(task=task, adapter=None, version=None, revision=revision)
+
+
+@router.get("/tasks")
+async def list_tasks(tenant: TenantName, service: Svc) -> TaskList:
+    return TaskList(tasks=[TaskOut.of(b) for b in await service.store.store.list_tasks(tenant)])
+
+
+@router.get("/tasks/{task}")
+async def get_task(task: str, tenant: TenantName, service: Svc) -> TaskOut:
+    return TaskOut.of(await service.task(tenant, task))

@@ -1,0 +1,31 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from server.http_errors import error_body
+from server.service import Service, get_service
+
+router = APIRouter()
+log = logging.getLogger(__name__)
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=None)
+async def readyz(service: Annotated[Service, Depends(get_service)]
+                 ) -> dict[str, Any] | JSONResponse:
+    try:
+        await service.ready()
+    except Exception as exc:  # any failure means "not ready", reported, never raised
+        log.warning("not ready", extra={"error": type(exc).__name__, "detail": str(exc)})
+        return JSONResponse(error_body("not_ready", f"{type(exc).__name__}: {exc}"), 503)
+    return {"status": "ready", "model": service.base_name}

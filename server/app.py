@@ -1,0 +1,60 @@
+"""``create_app(settings)``: the FastAPI application.
+
+The lifespan opens the store (:func:`store.open.open_store`: an embedded redis-server when
+no URL is configured) and starts the engine, and on shutdown drains the engine, then closes
+the store. An ``engine`` or ``store`` passed in belongs to the caller: it must already be
+started and is not stopped here. ``app.state.engine`` (:class:`server.engine.Engine`),
+``app.state.store`` (:class:`store.resilient.CachedStore`) and ``app.state.service`` are
+set while the app runs (metrics read stats from them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from fastapi import FastAPI
+
+from server import http_errors
+from server.api import infer, manage, ops
+from server.engine import Engine
+from server.server_settings import ServerSettings
+from server.service import Service, decoded_size
+from store.open import StoreHandle, open_store
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ServerSettings, *, engine: Engine | None = None,
+               store: StoreHandle | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            handle = store
+            if handle is None:
+                handle = await open_store(settings.store)
+                stack.push_async_callback(handle.close)
+            cached = handle.cached_store(decoded_size)
+            await cached.start()
+            stack.push_async_callback(cached.stop)
+            eng = engine
+            if eng is None:
+                eng = Engine(settings.engine)
+                await eng.start()
+                stack.push_async_callback(eng.stop)  # drains in-flight requests first
+            app.state.engine = eng
+            app.state.store = cached
+            app.state.store_handle = handle
+            app.state.service = Service(settings, eng, cached)
+            log.info("tessera serving", extra={"model": eng.base.name})
+            yield
+            log.info("tessera shutting down")
+
+    app = FastAPI(title="tessera", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    http_errors.install(app)
+    app.include_router(ops.router)
+    app.include_router(manage.router)
+    app.include_router(infer.router)
+    return app

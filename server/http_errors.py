@@ -1,0 +1,169 @@
+"""The one place where errors become HTTP responses.
+
+Every error body has one shape: ``{"error": {"type": ..., "message": ..., "field": ...}}``
+(``field`` only when a request field, tensor or config key is to blame). Domain errors of
+the adapter core, the store and the engine are mapped by class in :func:`status_for`;
+routes raise them (or :class:`ApiError`) and never build error responses themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError as PydanticRequestError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters.errors import (
+    AdapterError,
+    AdapterValidationError,
+    NotMergeableError,
+    PoolError,
+    UnknownMethodError,
+    UnsafeFormatError,
+    UnsupportedAdapterError,
+)
+from server.errors import (
+    AdapterLoadError,
+    ContextLengthError,
+    EngineError,
+    EngineStoppedError,
+    QueueFullError,
+    StepError,
+)
+from server.errors import RequestValidationError as EngineRequestError
+from store.errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidNameError,
+    NotFoundError,
+    StoreError,
+    StoreUnavailableError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An HTTP-level error raised by the server itself (auth, upload limits, formats)."""
+
+    def __init__(self, status: int, type_: str, message: str, *, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        self.status = status
+        self.type = type_
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+        super().__init__(message)
+
+
+def unauthorized(message: str = "missing or invalid API key") -> ApiError:
+    return ApiError(401, "unauthorized", message,
+                    headers={"WWW-Authenticate": 'Bearer realm="tessera"'})
+
+
+def not_found(message: str) -> ApiError:
+    return ApiError(404, "not_found", message)
+
+
+# class -> (status, type); the first matching entry wins (subclasses before bases)
+_STATUS: tuple[tuple[type[BaseException], int, str], ...] = (
+    (InvalidNameError, 400, "invalid_name"),
+    (NotFoundError, 404, "not_found"),
+    (ConflictError, 409, "conflict"),
+    (StoreUnavailableError, 503, "store_unavailable"),  # StoreFullError included
+    (IntegrityError, 500, "integrity_error"),
+    (StoreError, 500, "store_error"),
+    (UnsafeFormatError, 415, "unsafe_format"),
+    (AdapterValidationError, 422, "adapter_invalid"),
+    (UnsupportedAdapterError, 422, "adapter_unsupported"),
+    (UnknownMethodError, 422, "unknown_method"),
+    (PoolError, 422, "adapter_invalid"),
+    (NotMergeableError, 422, "adapter_invalid"),
+    (AdapterError, 422, "adapter_invalid"),
+    (ContextLengthError, 400, "context_length_exceeded"),
+    (EngineRequestError, 400, "invalid_request"),
+    (QueueFullError, 429, "queue_full"),
+    (EngineStoppedError, 503, "unavailable"),
+    (StepError, 503, "step_failed"),
+    (EngineError, 503, "engine_error"),
+)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """An adapter that failed to load answers as its cause (422 when it is invalid)."""
+    if isinstance(exc, AdapterLoadError) and isinstance(
+            exc.cause, AdapterError | StoreError | EngineError):
+        return exc.cause
+    return exc
+
+
+def status_for(exc: BaseException) -> tuple[int, str]:
+    exc = _unwrap(exc)
+    for cls, status, type_ in _STATUS:
+        if isinstance(exc, cls):
+            return status, type_
+    return 500, "internal_error"
+
+
+def error_body(type_: str, message: str, field: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"type": type_, "message": message}
+    if field is not None:
+        error["field"] = field
+    return {"error": error}
+
+
+def to_response(exc: BaseException) -> JSONResponse:
+    """The JSON response of any error (also used inside streams, before the first byte)."""
+    if isinstance(exc, ApiError):
+        return JSONResponse(error_body(exc.type, exc.message, exc.field), exc.status,
+                            headers=exc.headers)
+    status, type_ = status_for(exc)
+    inner = _unwrap(exc)
+    headers: dict[str, str] = {}
+    field: str | None = None
+    if isinstance(inner, QueueFullError):
+        headers["Retry-After"] = str(inner.retry_after_s)
+    if isinstance(inner, AdapterValidationError):
+        field = inner.tensor
+    if status >= 500:
+        log.error("request failed", extra={"error": type(inner).__name__,
+                                           "detail": str(inner)}, exc_info=inner)
+    return JSONResponse(error_body(type_, str(exc if status < 500 else inner), field),
+                        status, headers=headers)
+
+
+def _field_of(loc: Sequence[Any]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:] or parts
+    return ".".join(parts)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers on ``app`` (the only exception handlers of the service)."""
+
+    async def on_domain(_: Request, exc: Exception) -> JSONResponse:
+        return to_response(exc)
+
+    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, PydanticRequestError)
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        field = _field_of(first.get("loc", ()))
+        message = f"{field}: {first.get('msg', 'invalid value')}" if field else str(
+            first.get("msg", "invalid request"))
+        return JSONResponse(error_body("invalid_request", message, field or None), 422)
+
+    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(type_, str(exc.detail)), exc.status_code,
+                            headers=dict(exc.headers or {}))
+
+    for cls in (ApiError, AdapterError, StoreError, EngineError):
+        app.add_exception_handler(cls, on_domain)
+    app.add_exception_handler(PydanticRequestError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)

@@ -1,0 +1,27 @@
+"""Settings of the HTTP server: passed to :func:`server.app.create_app` (``TESSERA_*``
+environment variables when built with ``ServerSettings()``; the engine's own fields keep
+their ``TESSERA_*`` names, the store's ``TESSERA_STORE_*``). Nothing is read at import."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.settings import EngineSettings
+from store.settings import StoreSettings
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TESSERA_", extra="forbid",
+                                      protected_namespaces=())
+
+    admin_key: SecretStr | None = Field(
+        None, description="bearer key of the administrator (creates tenants); None = no "
+                          "admin endpoints")
+    max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024,
+                                  description="request body limit of an adapter upload")
+    max_archive_bytes: int = Field(512 * 1024 * 1024, ge=1024,
+                                   description="uncompressed bytes read from an archive")
+    base_alias: str = Field("base", description="model name meaning 'no adapter'")
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)

@@ -1,0 +1,149 @@
+"""Glue between the routes, the store and the engine.
+
+* uploads: parse (``server.uploads``), decode and validate against the loaded base and
+  the slot pool's limits in a worker thread, then store a new immutable version;
+* inference: a model/task name -> the task's binding -> an :class:`AdapterSpec` whose key
+  names the immutable version (and its weights) and whose loader reads the host cache /
+  Redis through ``CachedStore.load_adapter``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from adapters.errors import PoolError
+from adapters.method import Adapter
+from adapters.validation import validate_component
+from server.engine import Engine
+from server.http_errors import not_found
+from server.requests import AdapterSpec, GenerationRequest, RequestHandle
+from server.sampling import SamplingParams
+from server.server_settings import ServerSettings
+from server.uploads import Upload, decode
+from store.models import AdapterVersion, Binding
+from store.names import check_name
+from store.resilient import CachedStore
+
+
+@dataclass(frozen=True)
+class DecodedAdapter:
+    """What the host cache holds: a decoded adapter and its size in host memory."""
+
+    adapter: Adapter
+    nbytes: int
+
+
+def decode_record(weights: bytes, record: AdapterVersion) -> DecodedAdapter:
+    document = record.config if record.format == "peft" else record.manifest
+    adapter = decode(record.format, document, weights)
+    size = sum(t.numel() * t.element_size() for c in adapter.components
+               for tensors in c.modules.values() for t in tensors.values())
+    return DecodedAdapter(adapter, size)
+
+
+def decoded_size(value: Any) -> int:
+    return int(value.nbytes)
+
+
+class Service:
+    def __init__(self, settings: ServerSettings, engine: Engine, store: CachedStore) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+        self._fingerprint: str | None = None
+
+    # --- base ---------------------------------------------------------------------------
+    @property
+    def base_name(self) -> str:
+        return self.engine.base.name
+
+    def is_base(self, model: str) -> bool:
+        return model in (self.settings.base_alias, self.base_name)
+
+    def base_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            config = self.engine.base.model.config.to_json_string()
+            digest = hashlib.sha256(config.encode()).hexdigest()[:16]
+            self._fingerprint = f"{self.base_name}:{digest}"
+        return self._fingerprint
+
+    # --- adapters -----------------------------------------------------------------------
+    def _validate(self, upload: Upload) -> Adapter:
+        """Decode and check against the base (runs in a worker thread)."""
+        adapter = upload.decode()
+        pool = self.engine.slots.pool
+        for component in adapter.components:
+            if component.method not in pool.methods:
+                raise PoolError(f"method {component.method!r} is not enabled on this server")
+            validate_component(component, pool.targets, pool.limits)
+        return adapter
+
+    async def upload(self, tenant: str, name: str, upload: Upload) -> AdapterVersion:
+        check_name(name, "adapter")
+        adapter = await asyncio.to_thread(self._validate, upload)
+        is_peft = upload.format == "peft"
+        method = ".".join(dict.fromkeys(adapter.methods))
+        return await self.store.put_adapter(
+            tenant, name, method=method, format=upload.format,
+            config=upload.document if is_peft else {},
+            manifest={} if is_peft else upload.document, weights=upload.weights,
+            base_fingerprint=self.base_fingerprint(), uploader=tenant)
+
+    async def versions(self, tenant: str, name: str) -> list[AdapterVersion]:
+        found = await self.store.store.list_versions(tenant, name)
+        if not found:
+            raise not_found(f"adapter {name!r} not found")
+        return found
+
+    async def task(self, tenant: str, task: str) -> Binding:
+        check_name(task, "task")
+        binding = await self.store.store.get_binding(tenant, task)
+        if binding is None:
+            raise not_found(f"task {task!r} not found")
+        return binding
+
+    # --- inference ----------------------------------------------------------------------
+    async def adapter_for(self, tenant: str, model: str) -> AdapterSpec | None:
+        """None for the base model; else the spec of the task's bound version."""
+        if self.is_base(model):
+            return None
+        check_name(model, "task")
+        binding = await self.store.resolve(tenant, model)
+        record = await self.store.get_version(tenant, binding.adapter, binding.version)
+        store = self.store
+
+        async def load() -> Adapter:
+            decoded: DecodedAdapter = await store.load_adapter(
+                tenant, record.name, record.version, decode_record)
+            return decoded.adapter
+
+        key = f"{tenant}/{record.name}@{record.version}:{record.sha256[:16]}"
+        return AdapterSpec(key, load)
+
+    async def submit(self, tenant: str, model: str, *, prompt: str | Sequence[int] | None,
+                     messages: Sequence[Mapping[str, str]] | None,
+                     sampling: SamplingParams) -> RequestHandle:
+        spec = await self.adapter_for(tenant, model)
+        return self.engine.submit(GenerationRequest(prompt=prompt, messages=messages,
+                                                    adapter=spec, sampling=sampling))
+
+    async def ready(self, timeout_s: float = 10.0) -> None:
+        """Raise unless the model answers a one-token forward and Redis answers."""
+        handle = self.engine.submit(GenerationRequest(
+            prompt="ok", sampling=SamplingParams(temperature=0.0, max_tokens=1,
+                                                 ignore_eos=True)))
+        async with asyncio.timeout(timeout_s), handle:
+            await handle.result()
+        await self.store.store.change_counter()
+
+
+def get_service(request: Request) -> Service:
+    service = request.app.state.service
+    assert isinstance(service, Service)
+    return service
