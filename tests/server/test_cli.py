@@ -1,0 +1,242 @@
+"""The ``tessera`` command: flag/environment parsing, the upload encodings, and a real
+``python -m server.cli serve`` process (built-in model, embedded redis-server) driven by the
+admin commands, then stopped by SIGTERM while a request is streaming."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from adapters import artifact
+from server import cli
+from tests.factories import FACTORIES
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in list(os.environ):
+        if name.startswith("TESSERA_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_flags_override_environment(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("TESSERA_NUM_SLOTS", "3")
+    clean_env.setenv("TESSERA_DTYPE", "bfloat16")
+    clean_env.setenv("TESSERA_STORE_REDIS_URL", "redis://redis:6379/0")
+    clean_env.setenv("TESSERA_ADMIN_KEY", "sekrit")
+    args = cli.build_parser().parse_args(
+        ["serve", "--port", "9001", "--num-slots", "5", "--device", "cpu",
+         "--model", "/models/x", "--drain-timeout", "7"])
+    settings = cli.serve_settings(args)
+    assert args.port == 9001 and args.host == "127.0.0.1"
+    assert settings.engine.num_slots == 5  # flag wins
+    assert settings.engine.dtype == "bfloat16"  # environment kept where no flag
+    assert (settings.engine.device, settings.engine.model) == ("cpu", "/models/x")
+    assert settings.engine.drain_timeout_s == 7
+    assert settings.store.redis_url == "redis://redis:6379/0"
+    assert settings.admin_key is not None and settings.admin_key.get_secret_value() == "sekrit"
+    args = cli.build_parser().parse_args(["serve", "--redis-url", "redis://other:1/2"])
+    assert cli.serve_settings(args).store.redis_url == "redis://other:1/2"
+
+
+def test_defaults_and_invalid_values(clean_env: pytest.MonkeyPatch) -> None:
+    settings = cli.serve_settings(cli.build_parser().parse_args(["serve"]))
+    assert settings.engine.model is None and settings.store.redis_url is None  # built-ins
+    with pytest.raises(cli.CliError, match="num_slots"):
+        cli.serve_settings(cli.build_parser().parse_args(["serve", "--num-slots", "0"]))
+    clean_env.setenv("TESSERA_MAX_QUEUE", "-1")
+    with pytest.raises(cli.CliError, match="max_queue"):
+        cli.serve_settings(cli.build_parser().parse_args(["serve"]))
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--dtype", "float8"])
+
+
+def test_admin_commands_need_a_key(clean_env: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["list", "--url", "http://127.0.0.1:9"]) == 1
+    assert "no key" in capsys.readouterr().err
+    assert cli.main(["list", "--url", "http://127.0.0.1:9", "--key", "k",
+                     "--timeout", "2"]) == 1
+    assert "cannot reach" in capsys.readouterr().err
+
+
+def test_upload_encodings(tmp_path: Path) -> None:
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "adapter_model.safetensors").write_bytes(b"w" * 10)
+    (folder / "README.md").write_text("not sent")
+    with tarfile.open(fileobj=BytesIO(cli.folder_archive(folder)), mode="r:gz") as tar:
+        assert sorted(tar.getnames()) == sorted(cli.PEFT_FILES)
+    (folder / "adapter_config.json").unlink()
+    with pytest.raises(cli.CliError, match=r"adapter_config\.json"):
+        cli.folder_archive(folder)
+    body, content_type = cli.multipart({"config": ("c.json", b"{}"), "weights": ("w", b"\0")})
+    boundary = content_type.split("boundary=")[1]
+    assert body.count(f"--{boundary}".encode()) == 3 and body.endswith(b"--\r\n")
+    assert b'name="config"; filename="c.json"' in body
+    args = cli.build_parser().parse_args(["upload", "x", "--config", str(tmp_path / "no")])
+    with pytest.raises(cli.CliError, match="both --config and --weights"):
+        cli.upload_files(args)
+
+
+# --- a real server process -----------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen[bytes], url: str, data_dir: Path,
+                 log: Path) -> None:
+        self.process, self.url, self.data_dir, self.log = process, url, data_dir, log
+
+
+@pytest.fixture
+def server(builtin_dir: Path) -> Iterator[Server]:
+    # short path: the embedded redis listens on <data_dir>/redis.sock (108-byte limit)
+    root = Path(tempfile.mkdtemp(prefix="tcli", dir="/tmp"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+    env |= {"TESSERA_STORE_DATA_DIR": str(root / "redis"), "TESSERA_BUILTIN_DIR":
+            str(builtin_dir), "TESSERA_ADMIN_KEY": "admin-key", "TESSERA_DEVICE": "cpu"}
+    log = root / "server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--port", str(port),
+             "--num-slots", "2", "--drain-timeout", "20"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    served = Server(process, f"http://127.0.0.1:{port}", root / "redis", log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                with urllib.request.urlopen(served.url + "/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "no /healthz within 60 s\n" + log.read_text()
+            time.sleep(0.1)
+        yield served
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for pid in processes_mentioning(str(root)):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> object:
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return json.loads(out.out)
+
+
+def test_serve_admin_and_sigterm_drain(server: Server, ref_base: nn.Module, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    url = ["--url", server.url]
+    created = run_cli(capsys, "create-tenant", *url, "--key", "admin-key", "acme")
+    assert isinstance(created, dict) and created["name"] == "acme"
+    key = ["--key", created["api_key"]]
+    assert cli.main(["create-tenant", *url, *key, "evil"]) != 0  # a tenant key is no admin
+    assert "HTTP 40" in capsys.readouterr().err
+
+    adapter = FACTORIES["lora"](ref_base, torch.Generator().manual_seed(3))
+    manifest, weights = artifact.dumps(adapter)
+    (tmp_path / "manifest.json").write_bytes(manifest)
+    (tmp_path / "weights.safetensors").write_bytes(weights)
+    version = run_cli(capsys, "upload", *url, *key, "my-lora", "--config",
+                      str(tmp_path / "manifest.json"), "--weights",
+                      str(tmp_path / "weights.safetensors"))
+    assert isinstance(version, dict) and version["version"] == 1
+    run_cli(capsys, "activate", *url, *key, "summarise", "my-lora", "1")
+    tasks = run_cli(capsys, "list", "tasks", *url, *key)
+    adapters = run_cli(capsys, "list", *url, *key)
+    assert "summarise" in json.dumps(tasks) and "my-lora" in json.dumps(adapters)
+
+    # a streaming request in flight when SIGTERM arrives still finishes
+    body = json.dumps({"model": "summarise", "prompt": "hello", "max_tokens": 400,
+                       "temperature": 0, "ignore_eos": True, "stream": True}).encode()
+    request = urllib.request.Request(server.url + "/v1/completions", data=body, headers={
+        "Authorization": f"Bearer {created['api_key']}", "Content-Type": "application/json"})
+    started = time.monotonic()
+    with urllib.request.urlopen(request, timeout=60) as response:
+        first = response.readline()
+        assert first.startswith(b"data: "), first
+        server.process.send_signal(signal.SIGTERM)
+        rest = response.read().decode()
+    events = [json.loads(line[6:]) for line in [first.decode(), *rest.splitlines()]
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert "data: [DONE]" in rest
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(events) == 400  # one chunk per token: every token was generated
+
+    code = server.process.wait(timeout=40)
+    log = server.log.read_text()
+    assert code == 0, log
+    assert time.monotonic() - started < 40
+    assert "engine stopped" in log and "embedded redis-server stopped" in log
+    assert processes_mentioning(str(server.data_dir)) == []  # the redis-server is gone
+    with pytest.raises(OSError):  # and nothing listens any more
+        urllib.request.urlopen(server.url + "/healthz", timeout=1)
+
+
+def test_scripts_serve() -> None:
+    """scripts/serve on an environment that has torch and tessera: no install step; without
+    redis-server it says how to get one; with it, it execs `tessera serve`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+    env["TESSERA_VENV"] = sys.prefix
+    script = str(ROOT / "scripts" / "serve")
+    missing = subprocess.run(
+        [script, "--help"], env=env | {"TESSERA_STORE_REDIS_SERVER_BINARY": "no-such-redis"},
+        capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1
+    assert "apt-get install redis-server" in missing.stderr and "brew install redis" in \
+        missing.stderr
+    assert "installing" not in missing.stderr  # torch and tessera were already there
+    ok = subprocess.run([script, "--help"], env=env, capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "usage: tessera serve" in ok.stdout and "--num-slots" in ok.stdout
+    with_url = subprocess.run(
+        [script, "--help"], env=env | {"TESSERA_STORE_REDIS_URL": "redis://x:1/0",
+                                       "TESSERA_STORE_REDIS_SERVER_BINARY": "no-such-redis"},
+        capture_output=True, text=True, timeout=120)
+    assert with_url.returncode == 0, with_url.stderr  # an external Redis needs no binary
