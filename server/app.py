@@ -17,7 +17,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from fastapi import FastAPI
 
 from server import http_errors
-from server.api import infer, manage, ops
+from server.api import hyper, infer, manage, ops
 from server.engine import Engine
 from server.server_settings import ServerSettings
 from server.service import Service, decoded_size
@@ -56,5 +56,6 @@ def create_app(settings: ServerSettings, *, engine: Engine | None = None,
     http_errors.install(app)
     app.include_router(ops.router)
     app.include_router(manage.router)
+    app.include_router(hyper.router)
     app.include_router(infer.router)
     return app

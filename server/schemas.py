@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from store.models import AdapterVersion, Binding
+from store.models import AdapterVersion, Binding, HypernetVersion
 
 
 class Strict(BaseModel):
@@ -53,9 +53,22 @@ class AdapterList(BaseModel):
 
 
 class Activate(Strict):
-    adapter: str = Field(min_length=1, max_length=256)
+    """Bind a task to ``adapter`` ``version``, or to HyperLoader task ``hyper_task`` of
+    ``hypernetwork`` ``version`` (its adapter is generated on the first request)."""
+
+    adapter: str | None = Field(None, min_length=1, max_length=256)
+    hypernetwork: str | None = Field(None, min_length=1, max_length=256)
+    hyper_task: str | None = Field(None, min_length=1, max_length=256)
     version: int = Field(ge=1)
     expected_revision: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Activate:
+        if (self.adapter is None) == (self.hypernetwork is None):
+            raise ValueError("send exactly one of 'adapter' or 'hypernetwork'")
+        if (self.hypernetwork is None) != (self.hyper_task is None):
+            raise ValueError("'hypernetwork' and 'hyper_task' go together")
+        return self
 
 
 class Deactivate(Strict):
@@ -63,17 +76,46 @@ class Deactivate(Strict):
 
 
 class TaskOut(BaseModel):
+    """``adapter`` + ``version``, or ``hypernetwork`` + ``version`` + ``hyper_task``."""
+
     task: str
     adapter: str | None
     version: int | None
     revision: int
     updated: float | None = None
     actor: str | None = None
+    hypernetwork: str | None = None
+    hyper_task: str | None = None
 
     @classmethod
     def of(cls, binding: Binding) -> TaskOut:
-        return cls(task=binding.task, adapter=binding.adapter, version=binding.version,
-                   revision=binding.revision, updated=binding.updated, actor=binding.actor)
+        generated = binding.hyper_task is not None
+        return cls(task=binding.task, adapter=None if generated else binding.adapter,
+                   version=binding.version, revision=binding.revision,
+                   updated=binding.updated, actor=binding.actor,
+                   hypernetwork=binding.adapter if generated else None,
+                   hyper_task=binding.hyper_task)
+
+
+class HypernetOut(BaseModel):
+    name: str
+    version: int
+    sha256: str
+    size: int
+    created: float
+    uploader: str
+    config: dict[str, Any]
+    tasks: list[str]
+
+    @classmethod
+    def of(cls, record: HypernetVersion) -> HypernetOut:
+        return cls(name=record.name, version=record.version, sha256=record.sha256,
+                   size=record.size, created=record.created, uploader=record.uploader,
+                   config=record.config, tasks=list(record.tasks))
+
+
+class HypernetList(BaseModel):
+    hypernetworks: list[str]
 
 
 class TaskList(BaseModel):

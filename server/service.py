@@ -4,7 +4,8 @@
   the slot pool's limits in a worker thread, then store a new immutable version;
 * inference: a model/task name -> the task's binding -> an :class:`AdapterSpec` whose key
   names the immutable version (and its weights) and whose loader reads the host cache /
-  Redis through ``CachedStore.load_adapter``.
+  Redis through ``CachedStore.load_adapter``; a task bound to a HyperLoader task gets
+  :meth:`server.hyperloader.HyperLoaderService.spec` (generated on first use).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -22,29 +22,20 @@ from adapters.method import Adapter
 from adapters.validation import validate_component
 from server.engine import Engine
 from server.http_errors import not_found
+from server.hyperloader import HyperLoaderService
 from server.requests import AdapterSpec, GenerationRequest, RequestHandle
 from server.sampling import SamplingParams
+from server.schemas import Activate
 from server.server_settings import ServerSettings
-from server.uploads import Upload, decode
+from server.uploads import DecodedAdapter, Upload, decode, decoded
 from store.models import AdapterVersion, Binding
 from store.names import check_name
 from store.resilient import CachedStore
 
 
-@dataclass(frozen=True)
-class DecodedAdapter:
-    """What the host cache holds: a decoded adapter and its size in host memory."""
-
-    adapter: Adapter
-    nbytes: int
-
-
 def decode_record(weights: bytes, record: AdapterVersion) -> DecodedAdapter:
     document = record.config if record.format == "peft" else record.manifest
-    adapter = decode(record.format, document, weights)
-    size = sum(t.numel() * t.element_size() for c in adapter.components
-               for tensors in c.modules.values() for t in tensors.values())
-    return DecodedAdapter(adapter, size)
+    return decoded(decode(record.format, document, weights))
 
 
 def decoded_size(value: Any) -> int:
@@ -57,6 +48,12 @@ class Service:
         self.engine = engine
         self.store = store
         self._fingerprint: str | None = None
+        self.hyper = HyperLoaderService(engine, store, self.base_fingerprint)
+
+    @property
+    def generations(self) -> int:
+        """HyperLoader adapters this replica generated (for metrics)."""
+        return self.hyper.generations
 
     # --- base ---------------------------------------------------------------------------
     @property
@@ -95,6 +92,18 @@ class Service:
             manifest={} if is_peft else upload.document, weights=upload.weights,
             base_fingerprint=self.base_fingerprint(), uploader=tenant)
 
+    async def activate(self, tenant: str, task: str, body: Activate) -> Binding:
+        """Bind to an adapter version or to a HyperLoader task (one atomic step)."""
+        if body.hypernetwork is not None:
+            assert body.hyper_task is not None
+            return await self.store.activate_generated(
+                tenant, task, body.hypernetwork, body.version, body.hyper_task,
+                actor=tenant, expected_revision=body.expected_revision)
+        assert body.adapter is not None
+        return await self.store.activate(tenant, task, body.adapter, body.version,
+                                         actor=tenant,
+                                         expected_revision=body.expected_revision)
+
     async def versions(self, tenant: str, name: str) -> list[AdapterVersion]:
         found = await self.store.store.list_versions(tenant, name)
         if not found:
@@ -115,6 +124,8 @@ class Service:
             return None
         check_name(model, "task")
         binding = await self.store.resolve(tenant, model)
+        if binding.hyper_task is not None:
+            return self.hyper.spec(binding)
         record = await self.store.get_version(tenant, binding.adapter, binding.version)
         store = self.store
 

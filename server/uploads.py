@@ -40,6 +40,20 @@ class Upload:
         return decode(self.format, self.document, self.weights)
 
 
+@dataclass(frozen=True)
+class DecodedAdapter:
+    """What the host cache holds: a decoded adapter and its size in host memory."""
+
+    adapter: Adapter
+    nbytes: int
+
+
+def decoded(adapter: Adapter) -> DecodedAdapter:
+    size = sum(t.numel() * t.element_size() for c in adapter.components
+               for tensors in c.modules.values() for t in tensors.values())
+    return DecodedAdapter(adapter, size)
+
+
 def decode(format: str, document: dict[str, Any], weights: bytes) -> Adapter:
     if format == "peft":
         return load_peft(document, weights)
@@ -76,6 +90,25 @@ async def read_form(request: Request, limit: int) -> FormData:
     except MultiPartException as exc:
         raise ApiError(400, "invalid_request", f"malformed multipart body: {exc.message}",
                        field="body") from None
+
+
+def only_fields(form: FormData, allowed: tuple[str, ...]) -> None:
+    """400 naming the first form field that is not one of ``allowed``."""
+    unknown = sorted(set(form.keys()) - set(allowed))
+    if unknown:
+        raise ApiError(400, "invalid_request", f"unexpected form field {unknown[0]!r} "
+                       f"(send {', '.join(repr(a) for a in allowed)})", field=unknown[0])
+
+
+async def required_part(form: FormData, name: str, *, weights: bool = False) -> bytes:
+    """The bytes of form field ``name`` (422 when missing; 415 for a pickle-named file
+    where ``weights``)."""
+    part = await _read_part(form, name)
+    if part is None:
+        raise ApiError(422, "invalid_request", f"missing form field {name!r}", field=name)
+    if weights:
+        refuse_unsafe_name(part[1])
+    return part[0]
 
 
 async def _read_part(form: FormData, name: str) -> tuple[bytes, str] | None:

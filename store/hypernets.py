@@ -101,7 +101,8 @@ class HypernetOps(StoreBase):
 
     async def delete_hypernet_version(self, tenant: str, name: str, version: int) -> None:
         """Delete a hypernetwork version with its registered task embeddings and the
-        adapters generated from it; each blob goes when nothing else references it."""
+        adapters generated from it; each blob goes when nothing else references it.
+        ConflictError while a task is bound to one of its tasks."""
         _check(tenant, name, version)
         k = self._keys
         key, tasks_key = k.hypernet_version(tenant, name, version), k.hypernet_tasks(
@@ -126,10 +127,11 @@ class HypernetOps(StoreBase):
             return await self._run(
                 self._delete_hypernet_version,
                 [key, k.hypernet_versions(tenant, name), k.hypernets(tenant), tasks_key,
-                 k.changes(), *gen_keys, *release.keys(k)],
+                 k.changes(), *gen_keys, *release.keys(k), k.task_refs(tenant)],
                 [*release.args(), version, name, text(raw_sha), len(tasks), k.events(),
                  event_json(HYPERNET_DELETED, tenant, name, version), *tasks,
-                 *(embeddings[t] for t in tasks), *generated])
+                 *(embeddings[t] for t in tasks), *generated,
+                 k.hypernet_binding_ref(name, version)])
 
         status, rest = await self._retrying(f"delete hypernetwork {tenant}/{name}", attempt)
         raise_for(status, rest, f"hypernetwork {name!r}")

@@ -20,6 +20,7 @@ first, so they never contain ``:``)::
     P:task:{tenant}:{task}                      HASH binding (adapter, version, revision, ...)
     P:task:{tenant}:{task}:history              LIST JSON binding changes, newest first
     P:taskrefs:{tenant}                         HASH "{adapter}/{version}" -> bound tasks
+                                                (and "hypernet/{name}/{version}")
     P:hypernets:{tenant}                        SET hypernetwork names
     P:hypernet:{tenant}:{name}:seq              INCR next version
     P:hypernet:{tenant}:{name}:versions         ZSET versions
@@ -127,6 +128,12 @@ class Keys:
 
     def hypernet_tasks(self, tenant: str, name: str, version: int) -> str:
         return f"{self.root}:hypernet:{tenant}:{name}:v:{version}:tasks"
+
+    @staticmethod
+    def hypernet_binding_ref(name: str, version: int) -> str:
+        """Field of :meth:`task_refs` counting the tasks bound to one hypernetwork version
+        (names hold no ``/``: never equal to a :meth:`binding_ref`)."""
+        return f"hypernet/{name}/{version}"
 
     def generated(self, tenant: str, name: str, version: int, task: str) -> str:
         return f"{self.root}:generated:{tenant}:{name}:{version}:{task}"

@@ -220,14 +220,22 @@ end
 """
 
 # KEYS: task, history, tasks, task_refs, changes, tenant, version
+#       [, hypernetwork tasks: a binding to a HyperLoader task of hypernetwork version]
 # ARGV: tenant, task, actor, updated, expected revision or '', history limit, channel,
-#       adapter, version, ref field, token
+#       adapter (or hypernetwork), version, ref field, token [, hyper task]
 ACTIVATE = _script(_HISTORY + r"""
 if redis.call('HGET', KEYS[1], 'token') == ARGV[11] then
   return {'OK', redis.call('HGET', KEYS[1], 'revision')}
 end
+local hyper = ARGV[12] or ''
 if redis.call('EXISTS', KEYS[6]) == 0 then return {'NOTFOUND', 'tenant'} end
-if redis.call('EXISTS', KEYS[7]) == 0 then return {'NOTFOUND', 'adapter version'} end
+if redis.call('EXISTS', KEYS[7]) == 0 then
+  if hyper ~= '' then return {'NOTFOUND', 'hypernetwork version'} end
+  return {'NOTFOUND', 'adapter version'}
+end
+if hyper ~= '' and redis.call('HEXISTS', KEYS[8], hyper) == 0 then
+  return {'NOTFOUND', 'hypernetwork task ' .. hyper}
+end
 local cur = redis.call('HMGET', KEYS[1], 'revision', 'adapter', 'version', 'ref')
 local rev = tonumber(cur[1]) or 0
 if ARGV[5] ~= '' and tonumber(ARGV[5]) ~= rev then return {'CONFLICT', tostring(rev)} end
@@ -239,6 +247,8 @@ redis.call('HINCRBY', KEYS[4], ARGV[10], 1)
 redis.call('HSET', KEYS[1], 'tenant', ARGV[1], 'task', ARGV[2], 'adapter', ARGV[8],
            'version', ARGV[9], 'revision', rev, 'updated', ARGV[4], 'actor', ARGV[3],
            'ref', ARGV[10], 'token', ARGV[11])
+if hyper ~= '' then redis.call('HSET', KEYS[1], 'hyper_task', hyper)
+else redis.call('HDEL', KEYS[1], 'hyper_task') end
 record(rev, 'activate', ARGV[8], tonumber(ARGV[9]), cur)
 redis.call('SADD', KEYS[3], ARGV[2])
 redis.call('INCR', KEYS[5])
@@ -261,7 +271,7 @@ rev = rev + 1
 if cur[4] and redis.call('HINCRBY', KEYS[4], cur[4], -1) <= 0 then
   redis.call('HDEL', KEYS[4], cur[4])
 end
-redis.call('HDEL', KEYS[1], 'adapter', 'version', 'ref')
+redis.call('HDEL', KEYS[1], 'adapter', 'version', 'ref', 'hyper_task')
 redis.call('HSET', KEYS[1], 'tenant', ARGV[1], 'task', ARGV[2], 'revision', rev,
            'updated', ARGV[4], 'actor', ARGV[3], 'token', ARGV[8])
 record(rev, 'deactivate', '', '', cur)
@@ -308,13 +318,18 @@ return {'OK'}
 
 # A hypernetwork version with its task embeddings and generated entries.
 # KEYS: version, versions, hypernets, hypernet tasks, changes, then nt generated keys,
-#       then release sections (weights, nt embeddings, each existing generated entry)
+#       then release sections (weights, nt embeddings, each existing generated entry),
+#       then task_refs (last)
 # ARGV: release section (1 + m), version, name, weights sha256, nt, channel, event,
-#       then nt task names, nt embedding sha256s, nt generated sha256s ('' = none)
+#       then nt task names, nt embedding sha256s, nt generated sha256s ('' = none),
+#       then the binding ref field of this version (last)
 DELETE_HYPERNET_VERSION = _script(r"""
 local a = 2 + tonumber(ARGV[1])
 local nt = tonumber(ARGV[a + 3])
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'NOTFOUND', 'version'} end
+if (tonumber(redis.call('HGET', KEYS[#KEYS], ARGV[#ARGV])) or 0) > 0 then
+  return {'CONFLICT', 'a task is bound to this version'}
+end
 if redis.call('HGET', KEYS[1], 'sha256') ~= ARGV[a + 2] then return {'RETRY'} end
 if redis.call('HLEN', KEYS[4]) ~= nt then return {'RETRY'} end
 for i = 1, nt do

@@ -62,6 +62,11 @@ def _text(raw: RawHash, name: str) -> str:
     return text(value if value is not None else raw[name])
 
 
+def _optional_text(raw: RawHash, name: str) -> str | None:
+    value = raw.get(name.encode(), raw.get(name))
+    return text(value) if value else None
+
+
 def _json_dict(raw: RawHash, name: str) -> dict[str, Any]:
     return cast(dict[str, Any], json.loads(_text(raw, name)))
 
@@ -115,7 +120,10 @@ class AdapterVersion:
 
 @dataclass(frozen=True)
 class Binding:
-    """task -> adapter version; ``revision`` grows by one on every activate/deactivate."""
+    """task -> adapter version; ``revision`` grows by one on every activate/deactivate.
+
+    With ``hyper_task`` set the task is bound to a HyperLoader task instead: ``adapter``
+    and ``version`` then name the hypernetwork version that generates its adapter."""
 
     tenant: str
     task: str
@@ -124,6 +132,7 @@ class Binding:
     revision: int
     updated: float
     actor: str
+    hyper_task: str | None = None
 
     @classmethod
     def from_hash(cls, raw: RawHash) -> Binding | None:
@@ -133,7 +142,8 @@ class Binding:
         return cls(tenant=_text(raw, "tenant"), task=_text(raw, "task"),
                    adapter=_text(raw, "adapter"), version=int(_text(raw, "version")),
                    revision=int(_text(raw, "revision")), updated=float(_text(raw, "updated")),
-                   actor=_text(raw, "actor"))
+                   actor=_text(raw, "actor"),
+                   hyper_task=_optional_text(raw, "hyper_task"))
 
 
 @dataclass(frozen=True)

@@ -255,6 +255,18 @@ class CachedStore:
         self._remember(binding, seen)
         return binding
 
+    async def activate_generated(self, tenant: str, task: str, hypernet: str, version: int,
+                                 hyper_task: str, *, actor: str,
+                                 expected_revision: int | None = None) -> Binding:
+        seen = self._invalidations
+        binding = await self._write(
+            f"activate {tenant}/{task}",
+            lambda: self.store.activate_generated(tenant, task, hypernet, version,
+                                                  hyper_task, actor=actor,
+                                                  expected_revision=expected_revision))
+        self._remember(binding, seen)
+        return binding
+
     async def deactivate(self, tenant: str, task: str, *, actor: str,
                          expected_revision: int | None = None) -> int:
         revision = await self._write(

@@ -58,6 +58,42 @@ class TaskOps(StoreBase):
         return Binding(tenant=tenant, task=task, adapter=adapter, version=version,
                        revision=revision, updated=float(updated), actor=actor)
 
+    async def activate_generated(self, tenant: str, task: str, hypernet: str, version: int,
+                                 hyper_task: str, *, actor: str,
+                                 expected_revision: int | None = None) -> Binding:
+        """Bind ``task`` to HyperLoader task ``hyper_task`` of hypernetwork ``hypernet``
+        ``version`` (NotFoundError unless that version exists with that task registered).
+        The same atomic script as :meth:`activate`; the version is counted in the task
+        refs, so deleting it is a ConflictError while bound."""
+        check_name(tenant, "tenant")
+        check_name(task, "task")
+        check_name(hypernet, "hypernetwork")
+        check_name(hyper_task, "task")
+        check_version(version)
+        k = self._keys
+        updated = repr(now())
+        with translate_errors(f"activate {tenant}/{task}"):
+            status, rest = await self._run(
+                self._activate,
+                [k.task(tenant, task), k.task_history(tenant, task), k.tasks(tenant),
+                 k.task_refs(tenant), k.changes(), k.tenant(tenant),
+                 k.hypernet_version(tenant, hypernet, version),
+                 k.hypernet_tasks(tenant, hypernet, version)],
+                [tenant, task, actor, updated, _expected(expected_revision),
+                 self._settings.history_limit, k.events(), hypernet, version,
+                 k.hypernet_binding_ref(hypernet, version), uuid.uuid4().hex, hyper_task])
+        if status == "CONFLICT":
+            rest = [f"expected revision {expected_revision}, the task is at {rest[0]}"]
+        raise_for(status, rest, f"task {task!r}")
+        revision = int(rest[0])
+        log.info("task activated", extra={"tenant": tenant, "task": task,
+                                          "hypernetwork": hypernet, "version": version,
+                                          "hyper_task": hyper_task, "revision": revision,
+                                          "actor": actor})
+        return Binding(tenant=tenant, task=task, adapter=hypernet, version=version,
+                       revision=revision, updated=float(updated), actor=actor,
+                       hyper_task=hyper_task)
+
     async def deactivate(self, tenant: str, task: str, *, actor: str,
                          expected_revision: int | None = None) -> int:
         """Unbind ``task``; returns the new revision. NotFoundError when it is not bound."""

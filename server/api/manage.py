@@ -63,10 +63,7 @@ async def delete_version(name: str, version: int, tenant: TenantName,
 
 @router.post("/tasks/{task}/activate")
 async def activate(task: str, body: Activate, tenant: TenantName, service: Svc) -> TaskOut:
-    binding = await service.store.activate(tenant, task, body.adapter, body.version,
-                                           actor=tenant,
-                                           expected_revision=body.expected_revision)
-    return TaskOut.of(binding)
+    return TaskOut.of(await service.activate(tenant, task, body))
 
 
 @router.post("/tasks/{task}/deactivate")

@@ -1,0 +1,63 @@
+"""HyperLoader hypernetworks (tenant-scoped): upload, list, get, register a task
+embedding, delete a version. Binding a task to a HyperLoader task is ``activate`` with
+``hypernetwork`` + ``version`` + ``hyper_task`` (server/api/manage.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from server.auth import TenantName
+from server.schemas import HypernetList, HypernetOut
+from server.service import Service, get_service
+from server.uploads import only_fields, read_form, required_part
+
+router = APIRouter(prefix="/v1/hypernetworks")
+Svc = Annotated[Service, Depends(get_service)]
+
+
+@router.post("/{name}", status_code=201)
+async def upload_hypernetwork(name: str, request: Request, tenant: TenantName,
+                              service: Svc) -> HypernetOut:
+    """multipart ``manifest`` (tessera hypernetwork manifest JSON) + ``weights``."""
+    form = await read_form(request, service.settings.max_upload_bytes)
+    try:
+        only_fields(form, ("manifest", "weights"))
+        manifest = await required_part(form, "manifest")
+        weights = await required_part(form, "weights", weights=True)
+    finally:
+        await form.close()
+    return HypernetOut.of(await service.hyper.upload(tenant, name, manifest, weights))
+
+
+@router.get("")
+async def list_hypernetworks(tenant: TenantName, service: Svc) -> HypernetList:
+    return HypernetList(hypernetworks=await service.store.store.list_hypernets(tenant))
+
+
+@router.get("/{name}/versions/{version}")
+async def get_hypernetwork(name: str, version: int, tenant: TenantName,
+                           service: Svc) -> HypernetOut:
+    return HypernetOut.of(await service.store.store.get_hypernet(tenant, name, version))
+
+
+@router.post("/{name}/versions/{version}/tasks/{task}", status_code=201)
+async def register_task(name: str, version: int, task: str, request: Request,
+                        tenant: TenantName, service: Svc) -> HypernetOut:
+    """multipart ``embedding``: a safetensors file holding one tensor ``[task_dim]``."""
+    form = await read_form(request, service.settings.max_upload_bytes)
+    try:
+        only_fields(form, ("embedding",))
+        embedding = await required_part(form, "embedding", weights=True)
+    finally:
+        await form.close()
+    return HypernetOut.of(await service.hyper.register(tenant, name, version, task,
+                                                      embedding))
+
+
+@router.delete("/{name}/versions/{version}", status_code=204)
+async def delete_hypernetwork_version(name: str, version: int, tenant: TenantName,
+                                      service: Svc) -> Response:
+    await service.store.store.delete_hypernet_version(tenant, name, version)
+    return Response(status_code=204)
