@@ -15,10 +15,12 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 from server import http_errors
 from server.api import hyper, infer, manage, ops
 from server.engine import Engine
+from server.metrics import Metrics
 from server.server_settings import ServerSettings
 from server.service import Service, decoded_size
 from store.open import StoreHandle, open_store
@@ -46,13 +48,17 @@ def create_app(settings: ServerSettings, *, engine: Engine | None = None,
             app.state.engine = eng
             app.state.store = cached
             app.state.store_handle = handle
-            app.state.service = Service(settings, eng, cached)
+            app.state.service = service = Service(settings, eng, cached, metrics)
+            metrics.attach(eng)
+            metrics.bind_host_cache(cached.cache.stats)
+            service.hyper.on_generation.append(metrics.observe_generation)
             log.info("tessera serving", extra={"model": eng.base.name})
             yield
             log.info("tessera shutting down")
 
     app = FastAPI(title="tessera", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.metrics = metrics = Metrics(CollectorRegistry())
     http_errors.install(app)
     app.include_router(ops.router)
     app.include_router(manage.router)

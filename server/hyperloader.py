@@ -67,6 +67,7 @@ class HyperLoaderService:
         self._fingerprint = fingerprint
         self._lock = threading.Lock()
         self.generations = 0
+        self.on_generation: list[Callable[[], None]] = []  # e.g. the metrics counter
 
     # --- uploads ------------------------------------------------------------------------
     def _validate(self, manifest: bytes, weights: bytes) -> HyperNetwork:
@@ -140,6 +141,8 @@ class HyperLoaderService:
         adapter = HYPERLOADER.generate(hypernet, task, self.engine.slots.pool.targets)
         with self._lock:
             self.generations += 1
+        for hook in self.on_generation:
+            hook()
         return pack(adapter)
 
     async def _load(self, tenant: str, name: str, version: int,

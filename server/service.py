@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import Request
+from prometheus_client import CollectorRegistry
 
 from adapters.errors import PoolError
 from adapters.method import Adapter
@@ -23,6 +24,7 @@ from adapters.validation import validate_component
 from server.engine import Engine
 from server.http_errors import not_found
 from server.hyperloader import HyperLoaderService
+from server.metrics import Metrics
 from server.requests import AdapterSpec, GenerationRequest, RequestHandle
 from server.sampling import SamplingParams
 from server.schemas import Activate
@@ -43,11 +45,14 @@ def decoded_size(value: Any) -> int:
 
 
 class Service:
-    def __init__(self, settings: ServerSettings, engine: Engine, store: CachedStore) -> None:
+    def __init__(self, settings: ServerSettings, engine: Engine, store: CachedStore,
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics if metrics is not None else Metrics(CollectorRegistry())
         self.engine = engine
         self.store = store
         self._fingerprint: str | None = None
+        self._methods: dict[str, str] = {}  # adapter key -> method (one per stored version)
         self.hyper = HyperLoaderService(engine, store, self.base_fingerprint)
 
     @property
@@ -125,7 +130,9 @@ class Service:
         check_name(model, "task")
         binding = await self.store.resolve(tenant, model)
         if binding.hyper_task is not None:
-            return self.hyper.spec(binding)
+            spec = self.hyper.spec(binding)
+            self._methods[spec.key] = "hyperloader"
+            return spec
         record = await self.store.get_version(tenant, binding.adapter, binding.version)
         store = self.store
 
@@ -135,14 +142,17 @@ class Service:
             return decoded.adapter
 
         key = f"{tenant}/{record.name}@{record.version}:{record.sha256[:16]}"
+        self._methods[key] = record.method
         return AdapterSpec(key, load)
 
     async def submit(self, tenant: str, model: str, *, prompt: str | Sequence[int] | None,
                      messages: Sequence[Mapping[str, str]] | None,
-                     sampling: SamplingParams) -> RequestHandle:
+                     sampling: SamplingParams) -> tuple[RequestHandle, str | None]:
+        """The engine handle and the adapter's method (None for the base; for metrics)."""
         spec = await self.adapter_for(tenant, model)
-        return self.engine.submit(GenerationRequest(prompt=prompt, messages=messages,
-                                                    adapter=spec, sampling=sampling))
+        handle = self.engine.submit(GenerationRequest(prompt=prompt, messages=messages,
+                                                      adapter=spec, sampling=sampling))
+        return handle, None if spec is None else self._methods.get(spec.key)
 
     async def ready(self, timeout_s: float = 10.0) -> None:
         """Raise unless the model answers a one-token forward and Redis answers."""

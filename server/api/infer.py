@@ -13,6 +13,8 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
 from server.auth import TenantName
+from server.errors import QueueFullError
+from server.metrics import Metrics
 from server.requests import RequestHandle, TokenEvent
 from server.sampling import SamplingParams
 from server.schemas import (
@@ -49,30 +51,67 @@ async def _collect(events: AsyncIterator[TokenEvent]) -> tuple[list[int], str, T
     raise RuntimeError("event stream ended without a finish reason")
 
 
+class _Observed:
+    """One request's timings for the metrics: submit, first token, end."""
+
+    def __init__(self, metrics: Metrics, tenant: str) -> None:
+        self.metrics, self.tenant = metrics, tenant
+        self.method: str | None = None
+        self.start = time.monotonic()
+        self.first_s: float | None = None
+
+    def first_token(self) -> None:
+        self.first_s = time.monotonic() - self.start
+        self.metrics.observe_first_token(tenant=self.tenant, method=self.method,
+                                         seconds=self.first_s)
+
+    def end(self, last: TokenEvent | None, outcome: str) -> None:
+        self.metrics.observe_request(
+            tenant=self.tenant, method=self.method, latency_s=time.monotonic() - self.start,
+            prompt_tokens=last.prompt_tokens if last else 0,
+            completion_tokens=last.completion_tokens if last else 0,
+            first_token_s=self.first_s, outcome=outcome)
+
+
 async def _run(service: Service, tenant: str, model: str, body: Sampling, *,
                prompt: str | Sequence[int] | None,
-               messages: Sequence[Mapping[str, str]] | None
+               messages: Sequence[Mapping[str, str]] | None, observed: _Observed
                ) -> tuple[RequestHandle, AsyncGenerator[TokenEvent, None], TokenEvent]:
     """Submit and wait for the first event, so that a failure before the first token
     (adapter load, queue) still answers with its own status instead of a broken stream."""
-    handle = await service.submit(tenant, model, prompt=prompt, messages=messages,
-                                  sampling=sampling_of(body))
+    try:
+        handle, observed.method = await service.submit(
+            tenant, model, prompt=prompt, messages=messages, sampling=sampling_of(body))
+    except QueueFullError:
+        observed.end(None, "rejected")
+        raise
+    except BaseException:
+        observed.end(None, "error")
+        raise
     events = handle.events()
     try:
         first = await events.__anext__()
     except BaseException:
         handle.cancel()
         await events.aclose()
+        observed.end(None, "error")
         raise
+    observed.first_token()
     return handle, events, first
 
 
-async def _prepend(first: TokenEvent, rest: AsyncGenerator[TokenEvent, None]
-                   ) -> AsyncIterator[TokenEvent]:
-    yield first
-    if first.finish_reason is None:
-        async for event in rest:
-            yield event
+async def _prepend(first: TokenEvent, rest: AsyncGenerator[TokenEvent, None],
+                   observed: _Observed) -> AsyncIterator[TokenEvent]:
+    last: TokenEvent | None = first
+    try:
+        yield first
+        if first.finish_reason is None:
+            async for event in rest:
+                last = event
+                yield event
+    finally:  # finished, failed or abandoned by the client: counted once
+        reason = last.finish_reason if last is not None else None
+        observed.end(last, reason or "cancelled")
 
 
 def _sse(handle: RequestHandle, events: AsyncIterator[TokenEvent],
@@ -93,9 +132,10 @@ async def _answer(service: Service, tenant: str, model: str, body: Sampling, *,
                   prompt: str | Sequence[int] | None,
                   messages: Sequence[Mapping[str, str]] | None, chunk: Chunk,
                   whole: Callable[[list[int], str, TokenEvent], Any]) -> Any:
+    observed = _Observed(service.metrics, tenant)
     handle, events, first = await _run(service, tenant, model, body, prompt=prompt,
-                                       messages=messages)
-    stream = _prepend(first, events)
+                                       messages=messages, observed=observed)
+    stream = _prepend(first, events, observed)
     if body.stream:
         return _sse(handle, stream, chunk)
     try:
