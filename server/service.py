@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ from adapters.validation import validate_component
 from server.engine import Engine
 from server.http_errors import not_found
 from server.hyperloader import HyperLoaderService
-from server.metrics import Metrics
+from server.metrics import LoadSource, Metrics
 from server.requests import AdapterSpec, GenerationRequest, RequestHandle
 from server.sampling import SamplingParams
 from server.schemas import Activate
@@ -32,7 +33,7 @@ from server.server_settings import ServerSettings
 from server.uploads import DecodedAdapter, Upload, decode, decoded
 from store.models import AdapterVersion, Binding
 from store.names import check_name
-from store.resilient import CachedStore
+from store.resilient import CachedStore, weights_key
 
 
 def decode_record(weights: bytes, record: AdapterVersion) -> DecodedAdapter:
@@ -134,11 +135,15 @@ class Service:
             self._methods[spec.key] = "hyperloader"
             return spec
         record = await self.store.get_version(tenant, binding.adapter, binding.version)
-        store = self.store
+        store, metrics = self.store, self.metrics
 
-        async def load() -> Adapter:
+        async def load() -> Adapter:  # runs only when the adapter is not on the device
+            source: LoadSource = "host" if weights_key(record) in store.cache else "redis"
+            start = time.monotonic()
             decoded: DecodedAdapter = await store.load_adapter(
                 tenant, record.name, record.version, decode_record)
+            metrics.observe_adapter_load(source=source, method=record.method,
+                                         seconds=time.monotonic() - start)
             return decoded.adapter
 
         key = f"{tenant}/{record.name}@{record.version}:{record.sha256[:16]}"

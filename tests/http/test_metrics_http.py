@@ -61,3 +61,6 @@ async def test_more_adapters_than_slots_are_correct_and_evictions_counted(
             - sample(before, "tessera_completion_tokens_total", required=False)) == sum(
                 len(b["token_ids"]) for b in results)
     assert sample(after, "tessera_time_to_first_token_seconds_count") >= len(jobs)
+    # every adapter came from Redis at least once (first use), none from nowhere
+    assert sample(after, "tessera_adapter_load_seconds_count") >= len(methods)
+    assert 'source="redis"' in after
