@@ -31,7 +31,6 @@ import os
 import platform
 import random
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
@@ -41,20 +40,19 @@ from typing import Any
 
 import httpx
 import torch
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 from adapters import artifact
 from server import builtin
-from server.app import create_app
-from server.server_settings import ServerSettings
-from server.settings import EngineSettings
-from store.embedded import free_port
-from store.settings import StoreSettings
 from tests.factories import FACTORIES
+from tests.live import (
+    HermeticServerSettings,
+    HermeticSettings,
+    HermeticStoreSettings,
+    LiveServer,
+)
 
 METHODS = ("lora", "dora", "hra", "hut", "soka", "bottleneck")
 ADMIN_KEY = "bench-admin-" + uuid.uuid4().hex
@@ -67,55 +65,6 @@ SLOT_COUNTERS = ("tessera_slot_hits", "tessera_slot_misses", "tessera_slot_evict
                  "tessera_slot_loads", "tessera_slot_load_failures")
 
 
-class _Hermetic:
-    """Settings from keyword arguments only: no TESSERA_* variable of the machine leaks in."""
-
-    @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
-                                   init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource,
-                                   dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource,
-                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
-
-
-class BenchEngineSettings(_Hermetic, EngineSettings):
-    pass
-
-
-class BenchStoreSettings(_Hermetic, StoreSettings):
-    pass
-
-
-class BenchServerSettings(_Hermetic, ServerSettings):
-    pass
-
-
-class LiveServer:
-    """``create_app(settings)`` under uvicorn in a daemon thread on a loopback port."""
-
-    def __init__(self, settings: ServerSettings) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.app = create_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 300
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
 
 
 @dataclass
@@ -375,13 +324,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tessera-bench-") as tmp:
         root = Path(tmp)
         model_dir = Path(args.model) if args.model else builtin.materialise(root / "model")
-        engine = BenchEngineSettings(
+        engine = HermeticSettings(
             model=args.model, builtin_dir=None if args.model else model_dir,
             device=args.device, dtype=args.dtype, num_slots=args.num_slots,
             max_batch_rows=args.max_batch_rows, max_queue=max(256, 4 * args.concurrency))
-        settings = BenchServerSettings(
+        settings = HermeticServerSettings(
             admin_key=ADMIN_KEY, engine=engine,
-            store=BenchStoreSettings(redis_url=None, data_dir=root / "redis"))
+            store=HermeticStoreSettings(redis_url=None, data_dir=root / "redis"))
         model = base_model(model_dir)
         with LiveServer(settings) as live:
             print(f"server on {live.url} (embedded redis in {root / 'redis'})")

@@ -4,8 +4,6 @@ thread and event loop), a real redis-server, the built-in model; clients over re
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,15 +11,12 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-from server.app import create_app
 from server.server_settings import ServerSettings
-from store.embedded import EmbeddedRedis, free_port
+from store.embedded import EmbeddedRedis
 from store.settings import StoreSettings
+from tests.live import HermeticServerSettings, HermeticSettings, LiveServer
 from tests.server.conftest import (  # noqa: F401  (fixtures)
-    HermeticSettings,
     builtin_dir,
     ref_base,
     ref_tokenizer,
@@ -34,43 +29,6 @@ UPLOAD_LIMIT = 1 << 20
 CONTEXT_LIMIT = 128
 
 
-class HermeticServerSettings(ServerSettings):
-    """ServerSettings from keyword arguments only (no TESSERA_* of the machine)."""
-
-    @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
-                                   init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource,
-                                   dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource,
-                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
-
-
-class LiveServer:
-    """``create_app(settings)`` under uvicorn in a thread; ``url`` once it accepts."""
-
-    def __init__(self, settings: ServerSettings) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.app = create_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
 
 
 def server_settings(redis: EmbeddedRedis, builtin: Path, **engine: Any) -> ServerSettings:

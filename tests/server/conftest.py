@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import torch
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -18,8 +17,8 @@ from server import builtin
 from server.engine import Engine
 from server.requests import AdapterSpec
 from server.sampling import SamplingParams
-from server.settings import EngineSettings
 from tests.factories import FACTORIES
+from tests.live import HermeticSettings
 
 METHODS = ("lora", "dora", "hra", "hut", "soka", "bottleneck", "hyperloader")
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
@@ -28,18 +27,6 @@ PROMPTS = ("hello world", "a", "The quick brown fox jumps", "héllo 世界 🙂"
            "tessera", "Once upon a time, in a land far away", "0123456789")
 
 
-class HermeticSettings(EngineSettings):
-    """EngineSettings from keyword arguments only: no TESSERA_* variable of the machine
-    running the tests leaks in."""
-
-    @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
-                                   init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource,
-                                   dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource,
-                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
 
 
 @pytest.fixture(scope="session")
