@@ -8,9 +8,13 @@
 
 Hooks for the serving layer: ``engine.scheduler.on_step`` receives a :class:`StepReport`
 per forward (batch size, adapters per row: metrics, hot-tenant share of recent tokens);
-``engine.base`` gives the model and tokenizer (merged copies for hot tenants are built from
-``adapters.merged_weights(engine.base.model, adapter)``); the per-request loader is where
-host cache / Redis / HyperLoader generation plug in.
+``engine.base`` gives the model and tokenizer; the per-request loader is where host cache /
+Redis / HyperLoader generation plug in.
+
+Hot tenants (:mod:`server.hot`): the policy serves a busy adapter's new rows from a merged
+copy kept beside the base; admins pin with ``await engine.pin(spec)`` / ``engine.unpin(key)``;
+``engine.is_merged(key)`` and ``engine.stats().hot`` (merged share of recent tokens) are
+for metrics.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from adapters import PoolConfig, SlotPool
 from server.detok import TextStream
@@ -28,10 +32,11 @@ from server.errors import (
     EngineStoppedError,
     RequestValidationError,
 )
+from server.hot import HotStats, HotTenants
 from server.model import LoadedModel, load_base
-from server.requests import GenerationRequest, RequestHandle
+from server.requests import AdapterSpec, GenerationRequest, RequestHandle
 from server.sampling import Sampler
-from server.scheduler import Scheduler
+from server.scheduler import Scheduler, StepReport
 from server.settings import EngineSettings
 from server.slots import SlotManager, SlotStats
 from server.step import Row, Stepper
@@ -52,6 +57,7 @@ class EngineStats:
     finished: dict[str, int]
     slots: SlotStats
     resident_adapters: int
+    hot: HotStats | None = field(default=None)  # hot-tenant policy: merged adapters, share
 
 
 class Engine:
@@ -60,6 +66,7 @@ class Engine:
         self._base: LoadedModel | None = None
         self._scheduler: Scheduler | None = None
         self._slots: SlotManager | None = None
+        self._hot: HotTenants | None = None
         self._forward: ThreadPoolExecutor | None = None
         self._loads: ThreadPoolExecutor | None = None
 
@@ -85,8 +92,12 @@ class Engine:
         self._slots = SlotManager(pool, self._loads, on_change=wake)
         scheduler = Scheduler(self.settings, Stepper(self._base, pool), self._slots,
                               self._forward)
+        self._hot = HotTenants(self.settings, self._base.model, self._loads, on_change=wake)
+        scheduler.variant_of = self._hot.variant
+        scheduler.on_step.append(lambda report: self._record(report))
         self._scheduler = scheduler
         scheduler.start()
+        self._hot.start()
         log.info("engine started", extra={"model": self._base.name,
                                           "slots": self.settings.num_slots,
                                           "pool_bytes": pool.nbytes})
@@ -97,6 +108,8 @@ class Engine:
         timeout = self.settings.drain_timeout_s if drain_timeout is None else drain_timeout
         if self._scheduler is not None:
             await self._scheduler.stop(timeout)
+        if self._hot is not None:
+            await self._hot.stop()
         if self._slots is not None:
             await self._slots.close()
         for executor in (self._forward, self._loads):
@@ -115,6 +128,12 @@ class Engine:
         if self._scheduler is None:
             raise EngineStoppedError("the engine is not started")
         return self._scheduler
+
+    @property
+    def hot(self) -> HotTenants:
+        if self._hot is None:
+            raise EngineStoppedError("the engine is not started")
+        return self._hot
 
     @property
     def slots(self) -> SlotManager:
@@ -152,8 +171,34 @@ class Engine:
                        ignore_eos=params.ignore_eos, submitted_at=time.monotonic())
         scheduler.enqueue(seq)  # raises QueueFullError / EngineStoppedError
         if adapter is not None:
-            self.slots.request(adapter.key, adapter.loader)
+            self.hot.observe(adapter.key, adapter.loader)
+            if not self.hot.is_merged(adapter.key):  # a merged row needs no slot
+                self.slots.request(adapter.key, adapter.loader)
         return handle
+
+    # --- hot tenants ------------------------------------------------------------------
+    async def pin(self, adapter: AdapterSpec) -> None:
+        """Admin: serve ``adapter`` merged regardless of traffic, until :meth:`unpin`.
+        Returns once its merged copy serves new rows. Raises ``NotMergeableError`` for an
+        adapter with an output-stage part (bottleneck, HyperLoader) or the load's error."""
+        await self.hot.pin(adapter.key, adapter.loader)
+
+    def unpin(self, key: str) -> bool:
+        """Admin: release a pin; the policy drops the merged copy at its next check unless
+        the adapter's traffic keeps it hot. False when ``key`` was not pinned."""
+        return self.hot.unpin(key)
+
+    def is_merged(self, key: str) -> bool:
+        """New rows of ``key`` run on its merged copy (for metrics labels)."""
+        return self._hot is not None and self._hot.is_merged(key)
+
+    def method_of(self, key: str) -> str:
+        """The adapter's method(s), whether it sits in a slot or runs merged."""
+        return self.slots.method_of(key) or self.hot.method_of(key)
+
+    def _record(self, report: StepReport) -> None:
+        if self._hot is not None:
+            self._hot.record(report.generated)
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         base = self.base
@@ -186,4 +231,4 @@ class Engine:
             tokens_out=s.tokens_out, finished=dict(s.finished),
             slots=SlotStats(**{**vars(slots.stats),
                                "load_seconds": list(slots.stats.load_seconds)}),
-            resident_adapters=len(slots.resident_keys))
+            resident_adapters=len(slots.resident_keys), hot=self.hot.stats())

@@ -168,7 +168,7 @@ class Metrics:
     def attach(self, engine: Engine) -> None:
         """Bind a started engine: its stats at scrape time and its step hook. Call once,
         in the app's lifespan after ``await engine.start()``."""
-        self.bind_engine(engine.stats, engine.slots.method_of)
+        self.bind_engine(engine.stats, engine.method_of)
         engine.scheduler.on_step.append(self.on_step)
 
     def bind_host_cache(self, stats: Callable[[], CacheStats]) -> None:
@@ -210,8 +210,9 @@ class Metrics:
         """``engine.scheduler.on_step.append(metrics.on_step)``: runs once per forward."""
         self.batch_rows.observe(len(report.adapters))
         self.batch_adapters.observe(report.distinct_adapters)
-        for key in report.adapters:
-            merged = key is not None and self._is_merged(key)
+        flags = report.merged or tuple(k is not None and self._is_merged(k)
+                                       for k in report.adapters)
+        for key, merged in zip(report.adapters, flags, strict=True):
             mode = BASE if key is None else "merged" if merged else "slot"
             method = None if key is None else self._method_of(key) or OTHER
             self.step_rows.labels(mode, method_label(method)).inc()

@@ -11,6 +11,9 @@ Every iteration of :meth:`Scheduler._run`:
    per row — then prefill chunks of joining rows (their first token comes out of it);
 4. deliver the step's events to the requests' handles; finished rows are unpinned.
 
+A waiting request of an adapter the hot-tenant policy serves merged (:mod:`server.hot`)
+joins without a slot, on the merged variant ``variant_of(key)`` returns at admission.
+
 A request submitted during a step joins at the next one. The asyncio loop never runs
 a forward, so it stays responsive. KV cache layout and costs: :mod:`server.kvcache`.
 """
@@ -25,6 +28,8 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+from torch import nn
 
 from server.errors import AdapterLoadError, EngineStoppedError, QueueFullError, StepError
 from server.requests import FinishReason, TokenEvent
@@ -44,6 +49,12 @@ class StepReport:
     adapters: tuple[str | None, ...]  # per forward row; None = base
     decode_rows: int
     prefill_tokens: int
+    merged: tuple[bool, ...] = ()  # per forward row: served from a hot adapter's merged copy
+    generated: tuple[tuple[str | None, bool], ...] = ()  # per new token: (adapter, merged)
+
+    @property
+    def merged_rows(self) -> int:
+        return sum(self.merged)
 
     @property
     def distinct_adapters(self) -> int:
@@ -69,6 +80,8 @@ class Scheduler:
         self.executor = executor  # one thread: forwards are serialised
         self.stats = SchedulerStats()
         self.on_step: list[Callable[[StepReport], None]] = []
+        # the hot-tenant policy's merged model for an adapter key (None = the slot pool)
+        self.variant_of: Callable[[str], nn.Module | None] = lambda key: None
         self.waiting: deque[Row] = deque()
         self.prefilling: list[Row] = []
         self._removed: set[Row] = set()
@@ -177,8 +190,10 @@ class Scheduler:
         for seq in list(self.waiting):
             if free <= 0:
                 break
-            if seq.key is None:
+            variant = None if seq.key is None else self.variant_of(seq.key)
+            if seq.key is None or variant is not None:
                 seq.slot = -1
+                seq.variant = variant  # a merged row needs no slot
             else:
                 slot = self.slots.acquire(seq.key)
                 if slot is None:
@@ -210,7 +225,8 @@ class Scheduler:
         for write, exc in result.failed_writes:
             self.slots.write_failed(write)
             error = AdapterLoadError(write.key, exc)
-            for seq in [s for s in self.prefilling if s.key == write.key]:
+            for seq in [s for s in self.prefilling
+                        if s.key == write.key and s.variant is None]:
                 self.prefilling.remove(seq)
                 self._fail(seq, error, release=False)
             for seq in [s for s in self.waiting if s.key == write.key]:
@@ -230,7 +246,11 @@ class Scheduler:
         report = StepReport(index=index,
                             request_ids=tuple(result.request_ids),
                             adapters=tuple(result.adapters), decode_rows=result.decode_rows,
-                            prefill_tokens=result.prefill_tokens)
+                            prefill_tokens=result.prefill_tokens,
+                            merged=tuple(result.merged),
+                            generated=tuple((s.key, s.variant is not None)
+                                            for s, e in result.events
+                                            if e.token_id is not None))
         self.stats.last_distinct_adapters = report.distinct_adapters
         for callback in self.on_step:
             callback(report)

@@ -60,6 +60,20 @@ class EngineSettings(BaseSettings):
     retry_after_min_s: int = Field(1, ge=1)
     retry_after_max_s: int = Field(60, ge=1)
 
+    # --- hot tenants (server.hot) ---------------------------------------------------------
+    hot_max_merged: int = Field(
+        2, ge=0, description="adapters served from merged weights at once by the automatic "
+                             "policy (admin pins come on top); 0 = policy off")
+    hot_window_s: float = Field(30.0, gt=0, description="window of recent generated tokens "
+                                                        "the shares are taken over")
+    hot_enter_share: float = Field(0.5, gt=0, le=1, description="share of the window's "
+                                                                "tokens that makes an adapter hot")
+    hot_leave_share: float = Field(0.25, ge=0, le=1, description="a merged adapter below this "
+                                                                 "share is dropped (hysteresis)")
+    hot_min_tokens: int = Field(256, ge=1, description="tokens the window must hold before "
+                                                       "any adapter is judged hot")
+    hot_interval_s: float = Field(1.0, gt=0, description="seconds between policy checks")
+
     @model_validator(mode="after")
     def _check(self) -> EngineSettings:
         if self.default_max_tokens > self.max_tokens_limit:
@@ -67,6 +81,8 @@ class EngineSettings(BaseSettings):
                              f"max_tokens_limit {self.max_tokens_limit}")
         if self.retry_after_min_s > self.retry_after_max_s:
             raise ValueError("retry_after_min_s exceeds retry_after_max_s")
+        if self.hot_leave_share > self.hot_enter_share:
+            raise ValueError("hot_leave_share exceeds hot_enter_share")
         return self
 
     @property

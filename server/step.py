@@ -2,6 +2,11 @@
 (every adapter and method in one forward, slot ids per row), chunked prefill of newly
 admitted rows, sampling and detokenization.
 
+Rows of a hot adapter admitted while it is merged (:mod:`server.hot`) carry their merged
+model in ``Row.variant``: they form one more forward group per variant, with its own KV
+cache, run beside the main (slot-pool) group each step. A row stays in its group until it
+finishes.
+
 The event loop never touches the state below while a step runs; the step never touches
 the scheduler's queues. Each step returns the events to deliver.
 """
@@ -9,9 +14,12 @@ the scheduler's queues. Each step returns the events to deliver.
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 
 from adapters import SlotPool
@@ -46,6 +54,7 @@ class Row:
     finish: FinishReason | None = None
     submitted_at: float = 0.0
     ended: bool = False  # its final event or error was handed out, its pin released
+    variant: nn.Module | None = None  # merged model of a hot adapter (no slot); None = pool
 
     @property
     def cancelled(self) -> bool:
@@ -69,18 +78,58 @@ class StepResult:
     prefill_tokens: int = 0
     request_ids: list[str] = field(default_factory=list)  # per forward row
     adapters: list[str | None] = field(default_factory=list)  # per forward row
+    merged: list[bool] = field(default_factory=list)  # per forward row: ran on a variant
+
+
+@dataclass(eq=False)
+class Group:
+    """Rows run by one model in one forward: the slot-pool base, or a merged variant."""
+
+    model: nn.Module
+    pooled: bool  # the base with the slot pool: rows route by slot id
+    cache: BatchCache = field(default_factory=BatchCache)
+    rows: list[Row] = field(default_factory=list)  # row i of ``cache``
+
+    def keep(self, rows: list[Row]) -> None:
+        index = {id(s): i for i, s in enumerate(self.rows)}
+        self.cache.keep([index[id(s)] for s in rows])
+        self.rows = rows
 
 
 class Stepper:
-    """Owns the running batch (its rows and KV cache); used only from the forward thread
+    """Owns the running batch (its rows and KV caches); used only from the forward thread
     (and from the loop while no step runs)."""
 
     def __init__(self, base: LoadedModel, pool: SlotPool) -> None:
         self.base = base
         self.pool = pool
         self.model = base.model
-        self.cache = BatchCache()
-        self.running: list[Row] = []  # row i of ``cache``
+        self.main = Group(self.model, pooled=True)
+        self.merged: dict[int, Group] = {}  # id(variant) -> its group
+
+    @property
+    def running(self) -> list[Row]:
+        """Every running row: the main group's, then each merged group's."""
+        rows = list(self.main.rows)
+        for group in self.merged.values():
+            rows.extend(group.rows)
+        return rows
+
+    @property
+    def groups(self) -> list[Group]:
+        return [self.main, *self.merged.values()]
+
+    def _group(self, seq: Row) -> Group:
+        if seq.variant is None:
+            return self.main
+        group = self.merged.get(id(seq.variant))
+        if group is None:
+            group = self.merged[id(seq.variant)] = Group(seq.variant, pooled=False)
+        return group
+
+    def _route(self, pooled: bool, slots: list[int]) -> AbstractContextManager[Any]:
+        """The slot-pool plan for the base's rows; a merged variant has no pool layers."""
+        return self.pool.use(torch.tensor(slots)) if pooled else nullcontext()
 
     def step(self, plan: StepPlan) -> StepResult:
         with torch.no_grad():
@@ -89,7 +138,7 @@ class Stepper:
     def _step(self, plan: StepPlan) -> StepResult:
         result = StepResult()
         if plan.dropped:
-            self._keep([s for s in self.running if s not in plan.dropped])
+            self._keep(plan.dropped)
         failed_keys: set[str] = set()
         for write in plan.writes:
             try:
@@ -99,40 +148,40 @@ class Stepper:
                                                         "slot": write.slot, "error": repr(exc)})
                 result.failed_writes.append((write, exc))
                 failed_keys.add(write.key)
-        if self.running:
-            self._decode(result)
+        for group in self.groups:
+            if group.rows:
+                self._decode(group, result)
         for seq, count in plan.prefill:
             if seq.key is not None and seq.key in failed_keys:
                 continue
             self._prefill(seq, count, result)
         if result.finished:
-            gone = set(result.finished)
-            self._keep([s for s in self.running if s not in gone])
+            self._keep(set(result.finished))
         return result
 
     def clear(self) -> None:
-        self.cache.clear()
-        self.running = []
+        self.main = Group(self.model, pooled=True)
+        self.merged = {}
 
     # --- forwards -----------------------------------------------------------------------
-    def _decode(self, result: StepResult) -> None:
-        rows = self.running
+    def _decode(self, group: Group, result: StepResult) -> None:
+        rows = group.rows
         ids = torch.tensor([[s.last_token] for s in rows], dtype=torch.long,
                            device=self.base.device)  # [B, 1]
-        slots = torch.tensor([s.slot for s in rows], dtype=torch.long)  # [B]
-        cache, attention, positions = self.cache.step_inputs()
-        with self.pool.use(slots):
-            out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                             past_key_values=cache, use_cache=True)
-        self.cache.advance(out.past_key_values, attention)
+        cache, attention, positions = group.cache.step_inputs()
+        with self._route(group.pooled, [s.slot for s in rows]):  # slot per row [B]
+            out = group.model(input_ids=ids, attention_mask=attention,
+                              position_ids=positions, past_key_values=cache, use_cache=True)
+        group.cache.advance(out.past_key_values, attention)
         logits = out.logits[:, -1, :]  # [B, V]
         greedy = logits.argmax(dim=-1).tolist()  # one host sync for the greedy rows
         for i, seq in enumerate(rows):
             token = greedy[i] if seq.sampler.generator is None else seq.sampler.pick(logits[i])
             self._emit(seq, int(token), result)
-        result.decode_rows = len(rows)
+        result.decode_rows += len(rows)
         result.request_ids.extend(s.request_id for s in rows)
         result.adapters.extend(s.key for s in rows)
+        result.merged.extend([not group.pooled] * len(rows))
 
     def _prefill(self, seq: Row, count: int, result: StepResult) -> None:
         start = seq.prefilled
@@ -142,20 +191,23 @@ class Stepper:
         ids = torch.tensor([chunk], dtype=torch.long, device=self.base.device)  # [1, T]
         positions = torch.arange(start, start + len(chunk),
                                  device=self.base.device).unsqueeze(0)  # [1, T]
-        with self.pool.use(torch.tensor([seq.slot])):
-            out = self.model(input_ids=ids, position_ids=positions, past_key_values=seq.cache,
-                             use_cache=True, logits_to_keep=1)
+        model = self.model if seq.variant is None else seq.variant
+        with self._route(seq.variant is None, [seq.slot]):
+            out = model(input_ids=ids, position_ids=positions, past_key_values=seq.cache,
+                        use_cache=True, logits_to_keep=1)
         seq.prefilled += len(chunk)
         result.prefill_tokens += len(chunk)
         result.request_ids.append(seq.request_id)
         result.adapters.append(seq.key)
+        result.merged.append(seq.variant is not None)
         if seq.prefilled < len(seq.prompt):
             return
         token = seq.sampler.pick(out.logits[0, -1])  # [V]
         self._emit(seq, token, result)
         if seq.finish is None:
-            self.cache.add(cache_tensors(seq.cache), len(seq.prompt))
-            self.running.append(seq)
+            group = self._group(seq)
+            group.cache.add(cache_tensors(seq.cache), len(seq.prompt))
+            group.rows.append(seq)
             result.joined.append(seq)
         seq.cache = None  # the batch cache holds a copy now
 
@@ -175,7 +227,12 @@ class Stepper:
             token_id=token, text=text, finish_reason=seq.finish,
             prompt_tokens=len(seq.prompt), completion_tokens=seq.completion)))
 
-    def _keep(self, rows: list[Row]) -> None:
-        index = {id(s): i for i, s in enumerate(self.running)}
-        self.cache.keep([index[id(s)] for s in rows])
-        self.running = rows
+    def _keep(self, gone: set[Row]) -> None:
+        """Remove ``gone`` rows from their groups; a merged group left empty is released
+        (with it the last reference to a dropped variant)."""
+        for group in self.groups:
+            if any(s in gone for s in group.rows):
+                group.keep([s for s in group.rows if s not in gone])
+        for key, group in list(self.merged.items()):
+            if not group.rows:
+                del self.merged[key]

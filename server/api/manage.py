@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 
 from server.auth import Admin, TenantName
+from server.http_errors import ApiError
 from server.schemas import (
     Activate,
     AdapterList,
@@ -20,6 +21,7 @@ from server.schemas import (
 )
 from server.service import Service, get_service
 from server.uploads import parse_upload, read_form
+from store.names import check_name
 
 router = APIRouter(prefix="/v1")
 Svc = Annotated[Service, Depends(get_service)]
@@ -84,3 +86,28 @@ async def list_tasks(tenant: TenantName, service: Svc) -> TaskList:
 @router.get("/tasks/{task}")
 async def get_task(task: str, tenant: TenantName, service: Svc) -> TaskOut:
     return TaskOut.of(await service.task(tenant, task))
+
+
+# --- hot tenants (admin) ------------------------------------------------------------------
+@router.post("/admin/tenants/{tenant}/tasks/{task}/pin")
+async def pin_task(tenant: str, task: str, _: Admin, service: Svc) -> dict[str, object]:
+    """Serve the task's bound adapter from merged weights regardless of traffic; returns
+    once the merged copy serves new rows (422 for adapters with no merged form)."""
+    spec = await service.adapter_for(check_name(tenant, "tenant"), task)
+    if spec is None:
+        raise ApiError(400, "invalid_request", "the base model has no adapter to merge",
+                       field="task")
+    await service.engine.pin(spec)
+    return {"tenant": tenant, "task": task, "adapter": spec.key,
+            "merged": service.engine.is_merged(spec.key)}
+
+
+@router.post("/admin/tenants/{tenant}/tasks/{task}/unpin")
+async def unpin_task(tenant: str, task: str, _: Admin, service: Svc) -> dict[str, object]:
+    """Release a pin; the traffic policy decides whether the merged copy stays."""
+    spec = await service.adapter_for(check_name(tenant, "tenant"), task)
+    if spec is None:
+        raise ApiError(400, "invalid_request", "the base model has no adapter to merge",
+                       field="task")
+    return {"tenant": tenant, "task": task, "adapter": spec.key,
+            "was_pinned": service.engine.unpin(spec.key)}

@@ -39,10 +39,10 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 async def test_engine_state_and_step_series(make_engine: EngineFactory,
                                             adapters: dict[str, Adapter]) -> None:
-    engine = await make_engine(num_slots=2)
+    engine = await make_engine(num_slots=1)
     metrics = Metrics(CollectorRegistry(), MetricsSettings(tenant_allowlist=["acme"]))
     metrics.attach(engine)
-    metrics.bind_merged(lambda key: key == "hra")
+    await engine.pin(spec("hra", adapters["hra"]))  # served from merged weights, no slot
     cache: HostCache[str, bytes] = HostCache(10, len)
     cache.put("a", b"12345678")
     cache.get("a")
@@ -50,7 +50,7 @@ async def test_engine_state_and_step_series(make_engine: EngineFactory,
     cache.put("c", b"1234")  # evicts "a"
     metrics.bind_host_cache(cache.stats)
 
-    # three adapters through two slots, concurrently: one forward holds several adapters
+    # lora and soka through one slot, hra merged, concurrently: one forward holds several
     names = ("lora", "hra", "soka", "lora")
     handles = [engine.submit(GenerationRequest(prompt="hello", adapter=spec(n, adapters[n]),
                                                sampling=GREEDY)) for n in names]
