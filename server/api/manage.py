@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from server.auth import Admin, TenantName
 from server.http_errors import ApiError
+from server.requests import AdapterSpec
 from server.schemas import (
     Activate,
     AdapterList,
@@ -89,14 +90,19 @@ async def get_task(task: str, tenant: TenantName, service: Svc) -> TaskOut:
 
 
 # --- hot tenants (admin) ------------------------------------------------------------------
-@router.post("/admin/tenants/{tenant}/tasks/{task}/pin")
-async def pin_task(tenant: str, task: str, _: Admin, service: Svc) -> dict[str, object]:
-    """Serve the task's bound adapter from merged weights regardless of traffic; returns
-    once the merged copy serves new rows (422 for adapters with no merged form)."""
+async def _mergeable_spec(service: Service, tenant: str, task: str) -> AdapterSpec:
     spec = await service.adapter_for(check_name(tenant, "tenant"), task)
     if spec is None:
         raise ApiError(400, "invalid_request", "the base model has no adapter to merge",
                        field="task")
+    return spec
+
+
+@router.post("/admin/tenants/{tenant}/tasks/{task}/pin")
+async def pin_task(tenant: str, task: str, _: Admin, service: Svc) -> dict[str, object]:
+    """Serve the task's bound adapter from merged weights regardless of traffic; returns
+    once the merged copy serves new rows (422 for adapters with no merged form)."""
+    spec = await _mergeable_spec(service, tenant, task)
     await service.engine.pin(spec)
     return {"tenant": tenant, "task": task, "adapter": spec.key,
             "merged": service.engine.is_merged(spec.key)}
@@ -105,9 +111,6 @@ async def pin_task(tenant: str, task: str, _: Admin, service: Svc) -> dict[str, 
 @router.post("/admin/tenants/{tenant}/tasks/{task}/unpin")
 async def unpin_task(tenant: str, task: str, _: Admin, service: Svc) -> dict[str, object]:
     """Release a pin; the traffic policy decides whether the merged copy stays."""
-    spec = await service.adapter_for(check_name(tenant, "tenant"), task)
-    if spec is None:
-        raise ApiError(400, "invalid_request", "the base model has no adapter to merge",
-                       field="task")
+    spec = await _mergeable_spec(service, tenant, task)
     return {"tenant": tenant, "task": task, "adapter": spec.key,
             "was_pinned": service.engine.unpin(spec.key)}
