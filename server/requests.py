@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -120,13 +127,20 @@ class RequestHandle:
                 self.cancel()
 
     async def result(self) -> Completion:
-        ids: list[int] = []
-        text: list[str] = []
-        async for event in self:
-            if event.token_id is not None:
-                ids.append(event.token_id)
-            text.append(event.text)
-            if event.finish_reason is not None:
-                return Completion(ids, "".join(text), event.finish_reason,
-                                  event.prompt_tokens, event.completion_tokens)
-        raise AssertionError("event stream ended without a finish reason")
+        ids, text, last = await collect(self)
+        assert last.finish_reason is not None
+        return Completion(ids, text, last.finish_reason, last.prompt_tokens,
+                          last.completion_tokens)
+
+
+async def collect(events: AsyncIterable[TokenEvent]) -> tuple[list[int], str, TokenEvent]:
+    """Token ids, text and the final event of a whole event stream."""
+    ids: list[int] = []
+    text: list[str] = []
+    async for event in events:
+        if event.token_id is not None:
+            ids.append(event.token_id)
+        text.append(event.text)
+        if event.finish_reason is not None:
+            return ids, "".join(text), event
+    raise RuntimeError("event stream ended without a finish reason")

@@ -33,30 +33,12 @@ class TaskOps(StoreBase):
                        actor: str, expected_revision: int | None = None) -> Binding:
         """Bind ``task`` to ``adapter`` ``version`` (NotFoundError if that version does not
         exist for this tenant; ConflictError if ``expected_revision`` is stale)."""
-        check_name(tenant, "tenant")
-        check_name(task, "task")
         check_name(adapter, "adapter")
-        check_version(version)
         k = self._keys
-        updated = repr(now())
-        with translate_errors(f"activate {tenant}/{task}"):
-            status, rest = await self._run(
-                self._activate,
-                [k.task(tenant, task), k.task_history(tenant, task), k.tasks(tenant),
-                 k.task_refs(tenant), k.changes(), k.tenant(tenant),
-                 k.adapter_version(tenant, adapter, version)],
-                [tenant, task, actor, updated, _expected(expected_revision),
-                 self._settings.history_limit, k.events(), adapter, version,
-                 k.binding_ref(adapter, version), uuid.uuid4().hex])
-        if status == "CONFLICT":
-            rest = [f"expected revision {expected_revision}, the task is at {rest[0]}"]
-        raise_for(status, rest, f"task {task!r}")
-        revision = int(rest[0])
-        log.info("task activated", extra={"tenant": tenant, "task": task, "adapter": adapter,
-                                          "version": version, "revision": revision,
-                                          "actor": actor})
-        return Binding(tenant=tenant, task=task, adapter=adapter, version=version,
-                       revision=revision, updated=float(updated), actor=actor)
+        return await self._bind(
+            tenant, task, adapter, version, actor=actor, expected_revision=expected_revision,
+            target_keys=[k.adapter_version(tenant, adapter, version)],
+            ref=k.binding_ref(adapter, version), hyper_task=None)
 
     async def activate_generated(self, tenant: str, task: str, hypernet: str, version: int,
                                  hyper_task: str, *, actor: str,
@@ -65,32 +47,44 @@ class TaskOps(StoreBase):
         ``version`` (NotFoundError unless that version exists with that task registered).
         The same atomic script as :meth:`activate`; the version is counted in the task
         refs, so deleting it is a ConflictError while bound."""
-        check_name(tenant, "tenant")
-        check_name(task, "task")
         check_name(hypernet, "hypernetwork")
         check_name(hyper_task, "task")
+        k = self._keys
+        return await self._bind(
+            tenant, task, hypernet, version, actor=actor, expected_revision=expected_revision,
+            target_keys=[k.hypernet_version(tenant, hypernet, version),
+                         k.hypernet_tasks(tenant, hypernet, version)],
+            ref=k.hypernet_binding_ref(hypernet, version), hyper_task=hyper_task)
+
+    async def _bind(self, tenant: str, task: str, target: str, version: int, *, actor: str,
+                    expected_revision: int | None, target_keys: list[str], ref: str,
+                    hyper_task: str | None) -> Binding:
+        """The one activate script for both kinds of binding (adapter version, or a
+        hypernetwork version's task when ``hyper_task`` is given)."""
+        check_name(tenant, "tenant")
+        check_name(task, "task")
         check_version(version)
         k = self._keys
         updated = repr(now())
+        args: list[str | int] = [tenant, task, actor, updated, _expected(expected_revision),
+                                 self._settings.history_limit, k.events(), target, version,
+                                 ref, uuid.uuid4().hex]
+        if hyper_task is not None:
+            args.append(hyper_task)
         with translate_errors(f"activate {tenant}/{task}"):
             status, rest = await self._run(
                 self._activate,
                 [k.task(tenant, task), k.task_history(tenant, task), k.tasks(tenant),
-                 k.task_refs(tenant), k.changes(), k.tenant(tenant),
-                 k.hypernet_version(tenant, hypernet, version),
-                 k.hypernet_tasks(tenant, hypernet, version)],
-                [tenant, task, actor, updated, _expected(expected_revision),
-                 self._settings.history_limit, k.events(), hypernet, version,
-                 k.hypernet_binding_ref(hypernet, version), uuid.uuid4().hex, hyper_task])
+                 k.task_refs(tenant), k.changes(), k.tenant(tenant), *target_keys],
+                args)
         if status == "CONFLICT":
             rest = [f"expected revision {expected_revision}, the task is at {rest[0]}"]
         raise_for(status, rest, f"task {task!r}")
         revision = int(rest[0])
-        log.info("task activated", extra={"tenant": tenant, "task": task,
-                                          "hypernetwork": hypernet, "version": version,
-                                          "hyper_task": hyper_task, "revision": revision,
-                                          "actor": actor})
-        return Binding(tenant=tenant, task=task, adapter=hypernet, version=version,
+        log.info("task activated", extra={"tenant": tenant, "task": task, "target": target,
+                                          "version": version, "hyper_task": hyper_task,
+                                          "revision": revision, "actor": actor})
+        return Binding(tenant=tenant, task=task, adapter=target, version=version,
                        revision=revision, updated=float(updated), actor=actor,
                        hyper_task=hyper_task)
 

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from server.auth import TenantName
 from server.errors import QueueFullError
 from server.metrics import Metrics
-from server.requests import RequestHandle, TokenEvent
+from server.requests import RequestHandle, TokenEvent, collect
 from server.sampling import SamplingParams
 from server.schemas import (
     ChatIn,
@@ -37,18 +37,6 @@ def sampling_of(body: Sampling) -> SamplingParams:
     return SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
                           top_p=body.top_p, top_k=body.top_k, seed=body.seed,
                           stop=body.stop_list(), ignore_eos=body.ignore_eos)
-
-
-async def _collect(events: AsyncIterator[TokenEvent]) -> tuple[list[int], str, TokenEvent]:
-    ids: list[int] = []
-    text: list[str] = []
-    async for event in events:
-        if event.token_id is not None:
-            ids.append(event.token_id)
-        text.append(event.text)
-        if event.finish_reason is not None:
-            return ids, "".join(text), event
-    raise RuntimeError("event stream ended without a finish reason")
 
 
 class _Observed:
@@ -139,7 +127,7 @@ async def _answer(service: Service, tenant: str, model: str, body: Sampling, *,
     if body.stream:
         return _sse(handle, stream, chunk)
     try:
-        ids, text, last = await _collect(stream)
+        ids, text, last = await collect(stream)
     finally:
         handle.cancel()
     return whole(ids, text, last)
