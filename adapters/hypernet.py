@@ -41,7 +41,14 @@ from pydantic import Field, model_validator
 from adapters import targets as tg
 from adapters.banks.bottleneck import Activation
 from adapters.errors import AdapterError, AdapterValidationError
-from adapters.method import MethodConfig
+from adapters.method import (
+    RANK_BOUND,
+    SCALE_BOUND,
+    MethodConfig,
+    PositiveFraction,
+    Rank,
+    Size,
+)
 from adapters.targets import TargetInfo
 from adapters.validation import check_tensors
 
@@ -57,18 +64,20 @@ class UnknownTaskError(AdapterError):
 
 
 class HyperLoaderConfig(MethodConfig):
-    task_dim: int = Field(ge=1, description="t: task, layer and position embedding size")
-    hidden_dim: int = Field(ge=1, description="projector hidden size")
-    projector_dim: int = Field(ge=1, description="t': projector output size")
-    num_layers: int = Field(ge=1, description="transformer layers of the base model")
-    lora_rank: int = Field(ge=1)
-    lora_alpha: float = Field(gt=0)
+    task_dim: Size = Field(description="t: task, layer and position embedding size")
+    hidden_dim: Size = Field(description="projector hidden size")
+    projector_dim: Size = Field(description="t': projector output size")
+    num_layers: Size = Field(description="transformer layers of the base model")
+    # Half the shared bounds: a fused [q; k; v] module is served as one LoRA with 2 r and
+    # 2 alpha (adapters.methods.hyperloader), which must still fit LoraConfig's bounds.
+    lora_rank: int = Field(ge=1, le=RANK_BOUND // 2)
+    lora_alpha: float = Field(gt=0, le=SCALE_BOUND / 2, allow_inf_nan=False)
     lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],
                                     min_length=1)
     fused_qkv: bool = Field(False, description="lora_targets is one fused [q; k; v] module")
-    bottleneck_dim: int = Field(ge=1)
+    bottleneck_dim: Rank
     bottleneck_activation: Activation = "relu"
-    layer_norm_eps: float = Field(1e-5, gt=0)
+    layer_norm_eps: PositiveFraction = 1e-5
     bottleneck_targets: list[str] = Field(default_factory=lambda: ["o_proj", "down_proj"],
                                           min_length=1)
 

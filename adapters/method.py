@@ -21,10 +21,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from adapters import targets as tg
 from adapters.errors import NotMergeableError
@@ -32,6 +32,28 @@ from adapters.targets import TargetInfo
 
 Tensors = Mapping[str, torch.Tensor]  # tensor name -> tensor, for one module
 Stage = Literal["weight", "output"]
+
+
+# --- bounded config scalars ------------------------------------------------------------------
+# Every numeric field of every method config uses one of these types, so pydantic refuses
+# NaN/Inf and absurd magnitudes naming the field. Finite is not enough: alpha = 1e38 is
+# finite, yet folding s = alpha / r into B overflows the banks. The lowered tensors are
+# checked too (``adapters.validation.check_lowered``): these bounds are the sanity layer.
+SCALE_BOUND = 1e4  # |alpha|, |scale|. PEFT practice is alpha <= 2 r <= 512 (s <= ~16,
+#                    rsLoRA's alpha / sqrt(r) a little more); 1e4 leaves a 20x margin and
+#                    keeps s * |w| far from the fp16 limit 65504 for sane weights (|w| < 6).
+RANK_BOUND = 1 << 16  # ranks, bottleneck widths, numbers of Kronecker terms: above every
+#                       model's hidden size (a rank beyond min(out, in) is meaningless).
+#                       Deployments enforce their own, far lower ``Limits``.
+SIZE_BOUND = 1 << 20  # other sizes: hypernetwork widths, layer counts, Kronecker factors.
+
+Scale = Annotated[float, Field(allow_inf_nan=False, ge=-SCALE_BOUND, le=SCALE_BOUND)]
+PositiveScale = Annotated[float, Field(allow_inf_nan=False, gt=0, le=SCALE_BOUND)]
+Rank = Annotated[int, Field(ge=1, le=RANK_BOUND)]
+Size = Annotated[int, Field(ge=1, le=SIZE_BOUND)]
+# (0, 1]: LayerNorm eps (larger would swamp the variance it regularises), energy shares.
+PositiveFraction = Annotated[float, Field(allow_inf_nan=False, gt=0, le=1)]
+Probability = Annotated[float, Field(allow_inf_nan=False, ge=0, le=1)]  # [0, 1]: dropout
 
 
 class MethodConfig(BaseModel):

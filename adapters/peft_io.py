@@ -18,8 +18,11 @@ refused (``UnsafeFormatError``). Artifacts that cannot run on a shared frozen ba
 with ``UnsupportedAdapterError``: inits that rewrite W0 and were not converted on save
 (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ, KaSA), ``modules_to_save``, trainable biases,
 ``layers_to_transform`` / ``layers_pattern`` / ``exclude_modules``, and LoRA variants with
-another forward. Checking the tensors against a base model is left to the slot pool
-(:mod:`adapters.validation`).
+another forward. Numeric fields are bounded by the method configs' shared types
+(:mod:`adapters.method`): ``"lora_alpha": Infinity`` (which ``json`` parses) or ``1e38`` is
+refused naming the field, as are ``rank_pattern`` / ``alpha_pattern`` values and an
+out-of-range ``lora_dropout`` (unused when serving, still checked). Checking the tensors
+against a base model is left to the slot pool (:mod:`adapters.validation`).
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from adapters import registry
 from adapters.errors import AdapterValidationError, UnsafeFormatError, UnsupportedAdapterError
-from adapters.method import Adapter, Component, MethodConfig
+from adapters.method import Adapter, Component, MethodConfig, Probability
 from adapters.safeio import UNSAFE_SUFFIXES, read_safetensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -58,6 +61,7 @@ _LORA_UNSUPPORTED = ("lora_bias", "use_qalora", "alora_invocation_tokens", "laye
                      "trainable_token_indices", "target_parameters", "use_bdlora",
                      "arrow_config", "kasa_config", "monteclora_config")
 _COMMON_UNSUPPORTED = ("layers_to_transform", "layers_pattern", "exclude_modules")
+_DROPOUT = TypeAdapter(Probability)
 
 
 def load_peft_dir(path: str | Path) -> Adapter:
@@ -95,6 +99,7 @@ def parse_peft_config(config_json: bytes | str | Mapping[str, Any]
     _refuse_common(raw)
     if peft_type == "LORA":
         _refuse_lora(raw)
+        _check_dropout(raw)
         method = "dora" if _flag(raw, "use_dora") else "lora"
         _flag(raw, "fan_in_fan_out")  # layout of the base only; checked for type
         fields = {"r": raw.get("r", 8), "lora_alpha": raw.get("lora_alpha", 8),
@@ -165,6 +170,19 @@ def _flag(raw: Mapping[str, Any], name: str) -> bool:
         raise AdapterValidationError(f"must be true or false (got {value!r})",
                                      tensor=f"config.{name}")
     return value
+
+
+def _check_dropout(raw: Mapping[str, Any]) -> None:
+    """``lora_dropout`` is off when serving, but a non-finite or out-of-range value marks a
+    broken config: refuse it like every other numeric field."""
+    value = raw.get("lora_dropout")
+    if value is None:
+        return
+    try:
+        _DROPOUT.validate_python(value, strict=True)
+    except ValidationError as exc:
+        raise AdapterValidationError(f"{exc.errors()[0]['msg']} (got {value!r})",
+                                     tensor="config.lora_dropout") from None
 
 
 def _is_set(value: object) -> bool:

@@ -9,7 +9,9 @@ Usage::
         logits = model(input_ids).logits
 
 ``prepare`` (validate + lower) and ``write`` (copy into a slot) are separate so a server can
-prepare off the forward loop and only copy under its lock.
+prepare off the forward loop and only copy under its lock. Both refuse a lowered tensor that
+is not finite in the banks' dtype (:func:`adapters.validation.check_lowered`): lowering folds
+config scalars into the weights, so finite uploads can still overflow.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from adapters.errors import AdapterValidationError, PoolError
 from adapters.layer import AdapterLayer
 from adapters.method import Adapter, Limits, Method, MethodConfig, SlotData, Tensors
 from adapters.plan import SlotPlan, use_plan
-from adapters.validation import validate_component
+from adapters.validation import check_lowered, validate_component
 
 
 class PoolConfig(BaseModel):
@@ -116,6 +118,11 @@ class SlotPool:
             if component.method not in self.methods:
                 raise PoolError(f"method {component.method!r} is not enabled in this pool")
             validate_component(component, self.targets, self.limits)
+        return self.lower(adapter)
+
+    def lower(self, adapter: Adapter) -> PreparedAdapter:
+        """Lower an adapter already validated against this pool (``validate_component``)
+        into slot data; every lowered tensor must be finite in the banks' dtype."""
         data: dict[tuple[str, str], SlotData] = {}
         for path, parts in parts_by_module(adapter).items():
             layer = self.layers[path]
@@ -129,17 +136,20 @@ class SlotPool:
                         raise AdapterValidationError(
                             f"two components write the {kind!r} bank", tensor=path)
                     data[(path, kind)] = slot_data
+        check_lowered(data, self.dtype)
         return PreparedAdapter(adapter, data)
 
     def write(self, slot: int, prepared: PreparedAdapter) -> None:
         """Copy prepared data into ``slot`` (evicting what it held); no other slot changes.
-        A write that fails part-way (data prepared for other limits or modules) leaves the
+        Data that cannot be written (prepared for another pool, or not finite in the banks'
+        dtype) is refused before the slot is touched; a write that fails part-way leaves the
         slot empty, never half-loaded."""
         for path, kind in prepared.data:
             layer = self.layers.get(path)
             if layer is None or kind not in layer.by_kind:
                 raise PoolError(f"{path}: this pool has no {kind!r} bank on that module "
                                 "(data prepared for another pool?)")
+        check_lowered(prepared.data, self.dtype)
         self.evict(slot)
         try:
             for (path, kind), slot_data in prepared.data.items():

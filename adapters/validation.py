@@ -8,7 +8,7 @@ import torch
 
 from adapters import registry
 from adapters.errors import AdapterValidationError
-from adapters.method import Component, Limits
+from adapters.method import Component, Limits, SlotData
 from adapters.targets import TargetInfo
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -84,3 +84,26 @@ def check_tensors(path: str, tensors: Mapping[str, torch.Tensor],
                 f"dtype {tensor.dtype} is not float32, float16 or bfloat16", tensor=key)
         if not bool(torch.isfinite(tensor).all()):
             raise AdapterValidationError("contains NaN or Inf values", tensor=key)
+
+
+def check_lowered(data: Mapping[tuple[str, str], SlotData], dtype: torch.dtype) -> None:
+    """Every lowered tensor is finite once cast to the banks' ``dtype``.
+
+    Lowering folds config scalars into the weights (LoRA's ``s B``, SoKA's ``s A``, HUT's
+    ``s M_A``, DoRA's ``g``), so finite uploads under bounded scalars can still overflow:
+    in float32 while lowering, or in the cast to a float16/bfloat16 bank. One host sync for
+    the whole adapter; the error names ``<module path>.<bank kind>.<tensor>``.
+    """
+    named = [(f"{path}.{kind}.{name}", tensor) for (path, kind), slot in data.items()
+             for name, tensor in slot.tensors.items()]
+    if not named:
+        return
+    finite = torch.stack([torch.isfinite(t.to(dtype)).all() for _, t in named])  # [tensors]
+    if bool(finite.all()):
+        return
+    key, tensor = named[int(torch.nonzero(~finite)[0, 0])]
+    peak = float(tensor.float().abs().max())
+    raise AdapterValidationError(
+        f"not finite once lowered into a {str(dtype).removeprefix('torch.')} slot (largest "
+        f"|value| {peak:.4g}, limit {torch.finfo(dtype).max:.4g}): the config's scale times "
+        "the weights overflows", tensor=key)

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from server import http_errors
 from server.api import hyper, infer, manage, ops
 from server.engine import Engine
+from server.limits import BodyLimit
 from server.metrics import Metrics
 from server.server_settings import ServerSettings
 from server.service import Service, decoded_size
@@ -46,17 +47,23 @@ def create_app(settings: ServerSettings, *, engine: Engine | None = None,
                 await eng.start()
                 stack.push_async_callback(eng.stop)  # drains in-flight requests first
             app.state.engine = eng
+            app.state.owns_engine = engine is None  # drained by server.runner on shutdown
             app.state.store = cached
             app.state.store_handle = handle
             app.state.service = service = Service(settings, eng, cached, metrics)
             metrics.attach(eng)
             metrics.bind_host_cache(cached.cache.stats)
+            metrics.bind_store(handle.embedded_stats)
             service.hyper.on_generation.append(metrics.observe_generation)
             log.info("tessera serving", extra={"model": eng.base.name})
             yield
             log.info("tessera shutting down")
 
-    app = FastAPI(title="tessera", version="0.1.0", lifespan=lifespan)
+    docs = settings.api_docs
+    app = FastAPI(title="tessera", version="0.1.0", lifespan=lifespan,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
+    app.add_middleware(BodyLimit, max_request_bytes=settings.max_request_bytes,
+                       max_upload_bytes=settings.max_upload_bytes)
     app.state.settings = settings
     app.state.metrics = metrics = Metrics(CollectorRegistry())
     http_errors.install(app)

@@ -124,9 +124,8 @@ def serve_settings(args: argparse.Namespace, base: ServerSettings | None = None
 
 # --- serve ---------------------------------------------------------------------------------
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.app import create_app
+    from server.runner import TesseraServer
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -134,14 +133,13 @@ def serve(args: argparse.Namespace) -> int:
     log.info("starting tessera on %s:%d (model: %s, redis: %s)", args.host, args.port,
              settings.engine.model or "built-in",
              "configured URL" if settings.store.redis_url else "embedded")
-    config = uvicorn.Config(create_app(settings), host=args.host, port=args.port,
-                            log_level=args.log_level, lifespan="on",
-                            timeout_graceful_shutdown=max(1, int(
-                                settings.engine.drain_timeout_s)))
-    server = uvicorn.Server(config)
+    server = TesseraServer(create_app(settings), host=args.host, port=args.port,
+                           log_level=args.log_level,
+                           drain_timeout_s=settings.engine.drain_timeout_s)
     stopped_by: list[int] = []
-    # uvicorn handles SIGTERM/SIGINT while it serves (stop accepting, let open requests
-    # finish, lifespan shutdown drains the engine and closes the store) and re-raises the
+    # uvicorn handles SIGTERM/SIGINT while it serves (TesseraServer drains the engine
+    # first: open streams end with finish reason "shutdown"; then connections close and
+    # the lifespan shutdown stops the engine and closes the store) and re-raises the
     # signal afterwards; these handlers receive that re-raise, so a requested, completed
     # shutdown exits 0 instead of dying by the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):

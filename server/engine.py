@@ -30,6 +30,7 @@ from server.detok import TextStream
 from server.errors import (
     ContextLengthError,
     EngineStoppedError,
+    PromptTooLargeError,
     RequestValidationError,
 )
 from server.hot import HotStats, HotTenants
@@ -145,9 +146,11 @@ class Engine:
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Validate, queue and return the request's handle. Raises
         ``RequestValidationError`` / ``ContextLengthError`` (bad request), ``QueueFullError``
-        (retry later), ``EngineStoppedError`` (shutting down). Call on the event loop."""
+        (retry later), ``EngineStoppedError`` (shutting down). Call on the event loop; a
+        text or chat prompt is tokenized here, so callers on a server tokenize first with
+        :meth:`prompt_ids` in a worker thread and submit the ids."""
         scheduler, base = self.scheduler, self.base
-        prompt = self._prompt_ids(request)
+        prompt = self.prompt_ids(request)
         params = request.sampling
         max_tokens = params.max_tokens or self.settings.default_max_tokens
         if max_tokens > self.settings.max_tokens_limit:
@@ -176,6 +179,19 @@ class Engine:
                 self.slots.request(adapter.key, adapter.loader)
         return handle
 
+    def alive(self) -> bool:
+        """The model is loaded and the scheduler loop beats (readiness)."""
+        return (self._base is not None and self._scheduler is not None
+                and self._scheduler.alive(self.settings.ready_stall_s))
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Stop accepting; running requests get ``timeout_s`` (default: the drain setting)
+        to finish, then end with finish reason ``shutdown``. Call before the HTTP server
+        closes its connections, so that every open stream gets its final chunk."""
+        if self._scheduler is not None:
+            await self._scheduler.stop(
+                self.settings.drain_timeout_s if timeout_s is None else timeout_s)
+
     # --- hot tenants ------------------------------------------------------------------
     async def pin(self, adapter: AdapterSpec) -> None:
         """Admin: serve ``adapter`` merged regardless of traffic, until :meth:`unpin`.
@@ -200,10 +216,19 @@ class Engine:
         if self._hot is not None:
             self._hot.record(report.generated)
 
-    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """The request's prompt as token ids (thread-safe). A text prompt too long in bytes
+        to fit the context in any tokenization is refused before it is tokenized."""
         base = self.base
         if (request.prompt is None) == (request.messages is None):
             raise RequestValidationError("give exactly one of prompt and messages")
+        text = ([m.get("content", "") for m in request.messages]
+                if request.messages is not None
+                else [request.prompt] if isinstance(request.prompt, str) else [])
+        size = sum(len(t.encode("utf-8", "surrogatepass")) for t in text
+                   if isinstance(t, str))
+        if size > base.max_prompt_bytes:
+            raise PromptTooLargeError(size, base.max_prompt_bytes, base.context_limit)
         if request.messages is not None:
             ids = base.apply_chat_template(request.messages)
         elif isinstance(request.prompt, str):

@@ -24,6 +24,18 @@ class ContextLengthError(RequestValidationError):
             f"{prompt_tokens + max_tokens} exceeds the context limit of {limit} tokens")
 
 
+class PromptTooLargeError(RequestValidationError):
+    """A prompt refused by its byte length before it is tokenized: it cannot fit the
+    context in any tokenization (HTTP 400, like :class:`ContextLengthError`)."""
+
+    def __init__(self, size: int, max_bytes: int, limit: int) -> None:
+        self.size = size
+        self.max_bytes = max_bytes
+        self.limit = limit
+        super().__init__(f"prompt is {size} bytes: more than the {max_bytes} bytes that can "
+                         f"fit the context limit of {limit} tokens with this tokenizer")
+
+
 class QueueFullError(EngineError):
     """The bounded queue is full (HTTP 429); ``retry_after_s`` is the Retry-After hint."""
 
@@ -47,6 +59,21 @@ class AdapterLoadError(EngineError):
         self.key = key
         self.cause = cause
         super().__init__(f"adapter {key!r} could not be loaded: {cause}")
+
+
+class ClientGone(EngineError):
+    """The client disconnected before its (non-streaming) answer was ready; the request
+    was cancelled. Nobody reads the response (logged as 499, nginx's convention)."""
+
+    def __init__(self) -> None:
+        super().__init__("the client closed the connection; the request was cancelled")
+
+
+class RowError(EngineError):
+    """A failure that belongs to one request of a step (its sampling, stop strings,
+    detokenization, non-finite logits from its adapter): that request fails with this
+    error, every other row of the batch goes on (HTTP 500 before the first byte; an SSE
+    error event after it)."""
 
 
 class StepError(EngineError):

@@ -9,6 +9,7 @@ routes raise them (or :class:`ApiError`) and never build error responses themsel
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,13 +29,17 @@ from adapters.errors import (
 )
 from server.errors import (
     AdapterLoadError,
+    ClientGone,
     ContextLengthError,
     EngineError,
     EngineStoppedError,
+    PromptTooLargeError,
     QueueFullError,
+    RowError,
     StepError,
 )
 from server.errors import RequestValidationError as EngineRequestError
+from server.schemas import NAME_ERROR
 from store.errors import (
     ConflictError,
     IntegrityError,
@@ -85,9 +90,12 @@ _STATUS: tuple[tuple[type[BaseException], int, str], ...] = (
     (NotMergeableError, 422, "adapter_invalid"),
     (AdapterError, 422, "adapter_invalid"),
     (ContextLengthError, 400, "context_length_exceeded"),
+    (PromptTooLargeError, 400, "context_length_exceeded"),
     (EngineRequestError, 400, "invalid_request"),
     (QueueFullError, 429, "queue_full"),
+    (ClientGone, 499, "client_closed_request"),
     (EngineStoppedError, 503, "unavailable"),
+    (RowError, 500, "generation_failed"),
     (StepError, 503, "step_failed"),
     (EngineError, 503, "engine_error"),
 )
@@ -116,11 +124,11 @@ def error_body(type_: str, message: str, field: str | None = None) -> dict[str, 
     return {"error": error}
 
 
-def to_response(exc: BaseException) -> JSONResponse:
-    """The JSON response of any error (also used inside streams, before the first byte)."""
+def describe(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """``(status, body, headers)`` of any error: the one mapping behind HTTP error
+    responses and the error events of streams that already started."""
     if isinstance(exc, ApiError):
-        return JSONResponse(error_body(exc.type, exc.message, exc.field), exc.status,
-                            headers=exc.headers)
+        return exc.status, error_body(exc.type, exc.message, exc.field), exc.headers
     status, type_ = status_for(exc)
     inner = _unwrap(exc)
     headers: dict[str, str] = {}
@@ -132,15 +140,39 @@ def to_response(exc: BaseException) -> JSONResponse:
     if status >= 500:
         log.error("request failed", extra={"error": type(inner).__name__,
                                            "detail": str(inner)}, exc_info=inner)
-    return JSONResponse(error_body(type_, str(exc if status < 500 else inner), field),
-                        status, headers=headers)
+    return status, error_body(type_, str(exc if status < 500 else inner), field), headers
+
+
+def to_response(exc: BaseException) -> JSONResponse:
+    """The JSON response of any error (also used inside streams, before the first byte)."""
+    status, body, headers = describe(exc)
+    return JSONResponse(body, status, headers=headers)
+
+
+_UNION_TAG = re.compile(r"[-\[\]()]")  # pydantic's name of a union member, not a field
 
 
 def _field_of(loc: Sequence[Any]) -> str:
+    """``a.b.0`` of a validation error's location, without where it was (body, path...)
+    and without pydantic's union-member tags (``constrained-str``, ``list[int]``)."""
     parts = [str(p) for p in loc]
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:] or parts
-    return ".".join(parts)
+    return ".".join(p for p in parts if not _UNION_TAG.search(p))
+
+
+def _pick(errors: Sequence[Any]) -> tuple[int, str, dict[str, Any]]:
+    """``(status, type, error)`` of a request that failed validation: a name breaking the
+    name rule answers 400 ``invalid_name`` (DESIGN: a body field or a path parameter alike),
+    another bad path parameter 400, anything else 422; names first, then the path."""
+    for error in errors:
+        if error.get("type") == NAME_ERROR:
+            return 400, "invalid_name", error
+    for error in errors:
+        if tuple(error.get("loc", ()))[:1] == ("path",):
+            return 400, "invalid_request", error
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    return 422, "invalid_request", first
 
 
 def install(app: FastAPI) -> None:
@@ -151,11 +183,12 @@ def install(app: FastAPI) -> None:
 
     async def on_validation(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, PydanticRequestError)
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        field = _field_of(first.get("loc", ()))
-        message = f"{field}: {first.get('msg', 'invalid value')}" if field else str(
-            first.get("msg", "invalid request"))
-        return JSONResponse(error_body("invalid_request", message, field or None), 422)
+        status, type_, first = _pick(exc.errors())
+        field = "body" if first.get("type") == "json_invalid" else _field_of(
+            first.get("loc", ()))
+        msg = str(first.get("msg", "invalid value"))
+        message = f"{field}: {msg}" if field and type_ != "invalid_name" else msg
+        return JSONResponse(error_body(type_, message, field or None), status)
 
     async def on_http(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)

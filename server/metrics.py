@@ -9,9 +9,10 @@ Two kinds of series:
   (:meth:`Metrics.observe_generation`), and each forward step (:meth:`Metrics.on_step`,
   appended to ``engine.scheduler.on_step``: batch size, distinct adapters, merged rows).
 - *State* read at scrape time by a collector (:meth:`Metrics.bind_engine`,
-  :meth:`Metrics.bind_host_cache`): queue depth, running rows, slot-pool and host-cache
-  hits / misses / evictions. Nothing is copied between scrapes, so the counters can never
-  drift from the engine's own.
+  :meth:`Metrics.bind_host_cache`, :meth:`Metrics.bind_store`): queue depth, running rows,
+  slot-pool and host-cache hits / misses / evictions, the embedded redis-server's up state
+  and restarts. Nothing is copied between scrapes, so the counters can never drift from
+  the engine's own.
 
 Labels are bounded by construction: ``method`` is an adapter method name from the
 registry, ``"base"``, ``"mixed"`` (a stack of several methods) or ``"other"``; ``tenant``
@@ -39,6 +40,7 @@ from server.engine import Engine, EngineStats
 from server.errors import EngineStoppedError
 from server.scheduler import StepReport
 from store.cache import CacheStats
+from store.embedded import EmbeddedStats
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +176,11 @@ class Metrics:
     def bind_host_cache(self, stats: Callable[[], CacheStats]) -> None:
         self._state.cache = stats
 
+    def bind_store(self, stats: Callable[[], EmbeddedStats | None]) -> None:
+        """``stats()`` (``handle.embedded_stats``): the embedded redis-server's state; None
+        (an external Redis) means no such series."""
+        self._state.store = stats
+
     def bind_merged(self, is_merged: Callable[[str], bool]) -> None:
         """``is_merged(key)``: the hot-tenant policy serves ``key``'s rows merged."""
         self._is_merged = is_merged
@@ -235,6 +242,7 @@ class _StateCollector(Collector):
     def __init__(self) -> None:
         self.engine: Callable[[], EngineStats] | None = None
         self.cache: Callable[[], CacheStats] | None = None
+        self.store: Callable[[], EmbeddedStats | None] | None = None
 
     def describe(self) -> Iterable[Metric]:
         return []  # families depend on what is bound; collect() is cheap and side-free
@@ -249,6 +257,8 @@ class _StateCollector(Collector):
                 yield from _engine_families(stats)
         if self.cache is not None:
             yield from _cache_families(self.cache())
+        if self.store is not None and (embedded := self.store()) is not None:
+            yield from _store_families(embedded)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -296,3 +306,14 @@ def _cache_families(c: CacheStats) -> Iterator[Metric]:
     yield _gauge("tessera_host_cache_entries", "Adapters in the host cache", c.entries)
     yield _gauge("tessera_host_cache_bytes", "Bytes in the host cache", c.bytes)
     yield _gauge("tessera_host_cache_max_bytes", "Host-cache budget", c.max_bytes)
+
+
+def _store_families(e: EmbeddedStats) -> Iterator[Metric]:
+    yield _gauge("tessera_embedded_redis_up",
+                 "1 while the embedded redis-server runs, 0 while it is down or restarting",
+                 1.0 if e.up else 0.0)
+    yield _counter("tessera_embedded_redis_restarts",
+                   "Times the embedded redis-server died and was started again", e.restarts)
+    yield _counter("tessera_embedded_redis_restart_failures",
+                   "Embedded redis-server restart attempts that failed (retried with backoff)",
+                   e.restart_failures)

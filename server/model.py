@@ -37,6 +37,14 @@ class LoadedModel:
     dtype: torch.dtype
     context_limit: int
     eos_token_ids: frozenset[int]
+    max_token_bytes: int = 64  # UTF-8 bytes of the longest vocabulary entry (an upper bound)
+
+    @property
+    def max_prompt_bytes(self) -> int:
+        """A prompt longer than this (UTF-8 bytes) cannot fit the context: no token covers
+        more than ``max_token_bytes`` bytes of text, so it has more than ``context_limit``
+        tokens. Checked before tokenizing, so a huge prompt costs nothing."""
+        return self.context_limit * self.max_token_bytes
 
     def encode(self, text: str) -> list[int]:
         """Prompt text -> ids, with the tokenizer's own special tokens (BOS) added."""
@@ -95,7 +103,16 @@ def load_base(settings: EngineSettings) -> LoadedModel:
                                          "dtype": settings.dtype, "context_limit": limit})
     return LoadedModel(model=model, tokenizer=tokenizer, name=settings.model or "builtin",
                      device=device, dtype=settings.torch_dtype, context_limit=limit,
-                     eos_token_ids=eos)
+                     eos_token_ids=eos, max_token_bytes=_max_token_bytes(tokenizer))
+
+
+def _max_token_bytes(tokenizer: Any) -> int:
+    """UTF-8 length of the longest vocabulary entry: its spelling (byte-level BPE's 'Ġ',
+    SentencePiece's '▁', '<0x41>' byte tokens) is never shorter than the text it covers,
+    so this bounds the bytes of text one token can stand for."""
+    vocab = tokenizer.get_vocab()
+    return max((len(str(token).encode("utf-8", "surrogatepass")) for token in vocab),
+               default=1) or 1
 
 
 def _context_limit(model: PreTrainedModel, tokenizer: Any, settings: EngineSettings) -> int:

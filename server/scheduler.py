@@ -21,6 +21,7 @@ a forward, so it stays responsive. KV cache layout and costs: :mod:`server.kvcac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -38,6 +39,8 @@ from server.slots import SlotManager
 from server.step import Row, Stepper, StepPlan, StepResult
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0  # the idle loop wakes this often, so its heartbeat stays fresh
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class Scheduler:
         self._abort = False
         self._idle = asyncio.Event()
         self._latency_ewma = 1.0  # seconds per request (the Retry-After estimate)
+        self.heartbeat = time.monotonic()  # the loop's last beat (readiness)
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -137,31 +141,52 @@ class Scheduler:
         return bool(self.waiting or self.prefilling or self.stepper.running)
 
     # --- the loop -----------------------------------------------------------------------
+    def alive(self, stall_s: float) -> bool:
+        """Accepting (not draining), the loop runs and has beaten within ``stall_s`` seconds
+        (it beats at least every :data:`HEARTBEAT_S` while idle, and after every step)."""
+        return (self._accepting and self._task is not None and not self._task.done()
+                and time.monotonic() - self.heartbeat <= stall_s)
+
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
+            self.heartbeat = time.monotonic()
             self._wake.clear()
             if self._abort:
                 self._abort_all()
                 return
-            self._reap()
-            self._admit()
-            plan = self._plan()
-            if plan is None:
-                if not self._accepting and not self.busy:
-                    return
-                await self._wake.wait()
-                continue
-            self._removed = set()
-            index = self.stats.steps
-            self.stats.steps += 1
             try:
-                result = await loop.run_in_executor(self.executor, self.stepper.step, plan)
-            except Exception as exc:  # a failed step fails its rows; serving goes on
-                log.exception("step failed", extra={"step": index})
-                self._fail_batch(StepError(f"forward step failed: {exc!r}"))
+                stop = await self._iteration()
+            except Exception as exc:  # a bug outside the forward: fail the batch, go on
+                log.exception("scheduler iteration failed")
+                self._fail_batch(StepError(f"scheduler failed: {exc!r}"))
+                await asyncio.sleep(HEARTBEAT_S / 20)  # a persistent bug must not spin
                 continue
-            self._deliver(index, result)
+            if stop:
+                return
+
+    async def _iteration(self) -> bool:
+        """One round: reap, admit, step, deliver. True once drained after ``stop``."""
+        self._reap()
+        self._admit()
+        plan = self._plan()
+        if plan is None:
+            if not self._accepting and not self.busy:
+                return True
+            with contextlib.suppress(TimeoutError):  # idle: still beat for readiness
+                await asyncio.wait_for(self._wake.wait(), HEARTBEAT_S)
+            return False
+        self._removed = set()
+        index = self.stats.steps
+        self.stats.steps += 1
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self.executor, self.stepper.step, plan)
+        except Exception as exc:  # the stepper contains row and group failures itself
+            log.exception("step failed", extra={"step": index})
+            self._fail_batch(StepError(f"forward step failed: {exc!r}"))
+            return False
+        self._deliver(index, result)
+        return False
 
     def _reap(self) -> None:
         for seq in [s for s in self.waiting if s.cancelled]:
@@ -236,6 +261,10 @@ class Scheduler:
             seq.handle.put(event)
         for seq in result.joined:
             self.prefilling.remove(seq)
+        for seq, exc in result.failed:  # one row's own failure (or its group's forward)
+            if seq in self.prefilling:
+                self.prefilling.remove(seq)
+            self._fail(seq, exc)
         for seq in result.finished:
             if seq in self.prefilling:
                 self.prefilling.remove(seq)
@@ -253,7 +282,10 @@ class Scheduler:
                                             if e.token_id is not None))
         self.stats.last_distinct_adapters = report.distinct_adapters
         for callback in self.on_step:
-            callback(report)
+            try:
+                callback(report)
+            except Exception:  # an observer (metrics, hot policy) never stops serving
+                log.exception("step observer failed", extra={"step": index})
 
     # --- endings ------------------------------------------------------------------------
     def _finish(self, seq: Row, reason: FinishReason, error: BaseException | None,

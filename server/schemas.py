@@ -1,22 +1,115 @@
-"""Request and response bodies of the HTTP API (pydantic; unknown fields refused where a
-typo would silently change behaviour)."""
+"""Request and response bodies and path parameters of the HTTP API (pydantic).
+
+The OpenAPI document says what is enforced, so that a generated client and a fuzzer agree
+with the server: request bodies are strict (JSON types are not coerced: ``"ignore_eos": 0``
+and ``"prompt": [false]`` are refused, not read as booleans / integers), unknown fields are
+refused where a typo would silently change behaviour, optional fields whose ``null`` would
+be ambiguous must be omitted rather than sent as ``null``, and every name carries the name
+rule of :mod:`store.names` (its regex, plus its "no ``..``" rule as a lookahead).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi import Path
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
+from store.errors import InvalidNameError
 from store.models import AdapterVersion, Binding, HypernetVersion
+from store.names import _NAME, MAX_NAME_LENGTH, check_name
+
+# --- names ------------------------------------------------------------------------------
+# The schema's pattern is store.names' regex, anchored, with check_name's "no '..'" rule as
+# a lookahead; validation is check_name itself (so its message, answered 400 invalid_name
+# by server.http_errors for a body field and a path parameter alike).
+NAME_PATTERN = rf"^(?!.*\.\.)(?:{_NAME.pattern})$"
+NAME_SCHEMA: dict[str, Any] = {"pattern": NAME_PATTERN, "minLength": 1,
+                               "maxLength": MAX_NAME_LENGTH}
+NAME_ERROR = "invalid_name"  # the validation error type server.http_errors answers 400
+
+
+def name_rule(what: str) -> AfterValidator:
+    """Validate a name with :func:`store.names.check_name` (error type ``invalid_name``)."""
+
+    def check(value: str) -> str:
+        try:
+            return check_name(value, what)
+        except InvalidNameError as exc:
+            raise PydanticCustomError(NAME_ERROR, str(exc)) from None
+
+    return AfterValidator(check)
+
+
+def _name_field(what: str) -> Any:
+    return Field(description=f"{what} name: letters, digits, '.', '_', '-'; starting with a "
+                             f"letter or digit; no '..'; at most {MAX_NAME_LENGTH} characters",
+                 json_schema_extra=NAME_SCHEMA)
+
+
+def _name_param(what: str) -> Any:
+    return Path(description=f"{what} name (the name rule; 400 invalid_name otherwise)",
+                json_schema_extra=NAME_SCHEMA)
+
+
+AdapterName = Annotated[str, name_rule("adapter"), _name_field("adapter")]
+HypernetName = Annotated[str, name_rule("hypernetwork"), _name_field("hypernetwork")]
+TaskName = Annotated[str, name_rule("task"), _name_field("task")]
+NewTenantName = Annotated[str, name_rule("tenant"), _name_field("tenant")]
+
+AdapterParam = Annotated[str, name_rule("adapter"), _name_param("adapter")]
+HypernetParam = Annotated[str, name_rule("hypernetwork"), _name_param("hypernetwork")]
+TaskParam = Annotated[str, name_rule("task"), _name_param("task")]
+TenantParam = Annotated[str, name_rule("tenant"), _name_param("tenant")]
+
+# Versions and revisions are Redis counters, read by Lua as doubles: exact up to 2**53.
+MAX_COUNTER = 2**53 - 1
+VersionParam = Annotated[int, Path(ge=1, le=MAX_COUNTER, description="version (from 1)")]
+
+
+# --- strictness -------------------------------------------------------------------------
+def _not_null(value: Any) -> Any:
+    if value is None:
+        raise PydanticCustomError("not_null", "omit the field instead of sending null")
+    return value
+
+
+def _without_null(schema: dict[str, Any]) -> None:
+    """The JSON schema of an :data:`Omittable` field: its type without ``null`` (and
+    without ``"default": null``)."""
+    variants = [v for v in schema.pop("anyOf", []) if v != {"type": "null"}]
+    if len(variants) == 1:
+        schema.update(variants[0])
+    elif variants:
+        schema["anyOf"] = variants
+    if schema.get("default", ...) is None:
+        del schema["default"]
+
+
+T = TypeVar("T")
+# An optional field that is omitted, never sent as null (its JSON schema has no null), so
+# that "exactly one of" (oneOf + required) says exactly what the server enforces.
+Omittable = Annotated[T | None, BeforeValidator(_not_null),
+                      Field(json_schema_extra=_without_null)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: JSON types as declared (no coercion), unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # --- management -------------------------------------------------------------------------
 class TenantCreate(Strict):
-    name: str = Field(min_length=1, max_length=256)
+    name: NewTenantName
 
 
 class TenantCreated(BaseModel):
@@ -56,11 +149,18 @@ class Activate(Strict):
     """Bind a task to ``adapter`` ``version``, or to HyperLoader task ``hyper_task`` of
     ``hypernetwork`` ``version`` (its adapter is generated on the first request)."""
 
-    adapter: str | None = Field(None, min_length=1, max_length=256)
-    hypernetwork: str | None = Field(None, min_length=1, max_length=256)
-    hyper_task: str | None = Field(None, min_length=1, max_length=256)
-    version: int = Field(ge=1)
-    expected_revision: int | None = Field(None, ge=0)
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["adapter"],
+         "not": {"anyOf": [{"required": ["hypernetwork"]}, {"required": ["hyper_task"]}]}},
+        {"required": ["hypernetwork", "hyper_task"], "not": {"required": ["adapter"]}},
+    ]})
+
+    adapter: Omittable[AdapterName] = None
+    hypernetwork: Omittable[HypernetName] = None
+    hyper_task: Omittable[TaskName] = None
+    version: int = Field(ge=1, le=MAX_COUNTER)
+    expected_revision: int | None = Field(None, ge=0, le=MAX_COUNTER, description=(
+        "bind only if the task's revision is still this one (409 otherwise)"))
 
     @model_validator(mode="after")
     def _one_target(self) -> Activate:
@@ -72,7 +172,7 @@ class Activate(Strict):
 
 
 class Deactivate(Strict):
-    expected_revision: int | None = Field(None, ge=0)
+    expected_revision: int | None = Field(None, ge=0, le=MAX_COUNTER)
 
 
 class TaskOut(BaseModel):
@@ -123,14 +223,38 @@ class TaskList(BaseModel):
 
 
 # --- inference --------------------------------------------------------------------------
+# Static ceilings, enforced here (422); the engine's configured limits apply on top of them
+# (EngineSettings.max_tokens_limit, max_stop_sequences, max_stop_length; defaults 4096, 8,
+# 128), answered 400 naming the limit, as is prompt + max_tokens over the context. The
+# configured limits are not in the schema: a static model cannot know them.
+MAX_TOKENS_CAP = 1 << 20
+MAX_STOP_SEQUENCES_CAP = 64
+MAX_STOP_LENGTH_CAP = 1024
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH_CAP)]
+TokenId = Annotated[int, Field(ge=0)]
+TextPrompt = Annotated[str, Field(min_length=1, description="text, tokenized with BOS")]
+TokenPrompt = Annotated[list[TokenId], Field(min_length=1, description=(
+    "token ids, each in [0, vocabulary size); 400 for one outside it"))]
+Prompt = TextPrompt | TokenPrompt
+
+
 class Sampling(Strict):
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP, description=(
+        "tokens to generate (null = the server's default_max_tokens); at most the server's "
+        "max_tokens_limit (default 4096), and prompt + max_tokens at most the context: 400 "
+        "naming the numbers otherwise"))
+    temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False,
+                               description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = Field(0, ge=0, description="0 = off")
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
-    stream: bool = False
+    stop: StopString | Annotated[list[StopString], Field(
+        max_length=MAX_STOP_SEQUENCES_CAP)] | None = Field(None, description=(
+            "stop sequences, matched on the decoded text; at most the server's "
+            "max_stop_sequences (default 8) of at most max_stop_length characters (default "
+            "128): 400 otherwise"))
+    stream: bool = Field(False, description="server-sent events instead of one JSON body")
     ignore_eos: bool = False
 
     def stop_list(self) -> tuple[str, ...]:
@@ -139,29 +263,91 @@ class Sampling(Strict):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
-class GenerateIn(Sampling):
-    prompt: str | list[int] | None = None
-    messages: list[ChatMessage] | None = None
-
-
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str
 
 
+Messages = Annotated[list[ChatMessage], Field(min_length=1)]
+
+
+class GenerateIn(Sampling):
+    """Exactly one of ``prompt`` and ``messages`` (rendered with the chat template)."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "not": {"required": ["messages"]}},
+        {"required": ["messages"], "not": {"required": ["prompt"]}},
+    ]})
+
+    prompt: Omittable[Prompt] = None
+    messages: Omittable[Messages] = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateIn:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of 'prompt' or 'messages'")
+        return self
+
+
 class CompletionIn(Sampling):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
-    model: str = Field(min_length=1)
-    prompt: str | list[int]
+    model: str = Field(min_length=1, description="task name, or the base model's alias")
+    prompt: Prompt
     user: str | None = None
 
 
 class ChatIn(Sampling):
     model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
+    model: str = Field(min_length=1, description="task name, or the base model's alias")
+    messages: Messages
     user: str | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class CompletionOut(BaseModel):
+    """``/v1/completions`` (OpenAI's shape)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatReply(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatReply
+    finish_reason: str | None
+
+
+class ChatCompletionOut(BaseModel):
+    """``/v1/chat/completions`` (OpenAI's shape)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
 
 
 class GenerateOut(BaseModel):
@@ -188,4 +374,3 @@ class ModelList(BaseModel):
 
 JSONDict = dict[str, Any]
 
-GenerateIn.model_rebuild()

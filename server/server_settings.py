@@ -20,6 +20,11 @@ class ServerSettings(BaseSettings):
                           "admin endpoints")
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024,
                                   description="request body limit of an adapter upload")
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="body limit of every other request (JSON): "
+                                              "larger bodies get 413 before they are read")
+    api_docs: bool = Field(True, description="serve the interactive API docs at /docs and "
+                                             "/redoc (off in the production manifests)")
     max_archive_bytes: int = Field(512 * 1024 * 1024, ge=1024,
                                    description="uncompressed bytes read from an archive")
     base_alias: str = Field("base", description="model name meaning 'no adapter'")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ from adapters.errors import PoolError
 from adapters.method import Adapter
 from adapters.validation import validate_component
 from server.engine import Engine
+from server.errors import EngineStoppedError
 from server.http_errors import not_found
 from server.hyperloader import HyperLoaderService
 from server.metrics import LoadSource, Metrics
@@ -78,13 +80,16 @@ class Service:
 
     # --- adapters -----------------------------------------------------------------------
     def _validate(self, upload: Upload) -> Adapter:
-        """Decode and check against the base (runs in a worker thread)."""
+        """Decode and check against the base (runs in a worker thread), then lower it as a
+        load would: a finite upload whose lowered tensors overflow is refused here (422),
+        not on first use."""
         adapter = upload.decode()
         pool = self.engine.slots.pool
         for component in adapter.components:
             if component.method not in pool.methods:
                 raise PoolError(f"method {component.method!r} is not enabled on this server")
             validate_component(component, pool.targets, pool.limits)
+        pool.lower(adapter)  # checks every lowered tensor; the slot data is dropped
         return adapter
 
     async def upload(self, tenant: str, name: str, upload: Upload) -> AdapterVersion:
@@ -150,23 +155,30 @@ class Service:
         self._methods[key] = record.method
         return AdapterSpec(key, load)
 
-    async def submit(self, tenant: str, model: str, *, prompt: str | Sequence[int] | None,
-                     messages: Sequence[Mapping[str, str]] | None,
-                     sampling: SamplingParams) -> tuple[RequestHandle, str | None]:
-        """The engine handle and the adapter's method (None for the base; for metrics)."""
+    async def resolve(self, tenant: str, model: str) -> tuple[AdapterSpec | None, str | None]:
+        """The adapter spec of ``model`` (None for the base) and its method (for metrics,
+        known before the request is admitted, so rejections carry it too)."""
         spec = await self.adapter_for(tenant, model)
-        handle = self.engine.submit(GenerationRequest(prompt=prompt, messages=messages,
-                                                      adapter=spec, sampling=sampling))
-        return handle, None if spec is None else self._methods.get(spec.key)
+        return spec, None if spec is None else self._methods.get(spec.key)
 
-    async def ready(self, timeout_s: float = 10.0) -> None:
-        """Raise unless the model answers a one-token forward and Redis answers."""
-        handle = self.engine.submit(GenerationRequest(
-            prompt="ok", sampling=SamplingParams(temperature=0.0, max_tokens=1,
-                                                 ignore_eos=True)))
-        async with asyncio.timeout(timeout_s), handle:
-            await handle.result()
-        await self.store.store.change_counter()
+    async def submit(self, spec: AdapterSpec | None, *, prompt: str | Sequence[int] | None,
+                     messages: Sequence[Mapping[str, str]] | None,
+                     sampling: SamplingParams) -> RequestHandle:
+        """Tokenize off the event loop (a large prompt must not stall other requests;
+        its size is checked against the context before tokenizing), then queue."""
+        request = GenerationRequest(prompt=prompt, messages=messages, adapter=spec,
+                                    sampling=sampling)
+        ids = await asyncio.to_thread(self.engine.prompt_ids, request)
+        return self.engine.submit(dataclasses.replace(request, prompt=ids, messages=None))
+
+    def ready(self) -> dict[str, Any]:
+        """Readiness without queueing work and without Redis: raises unless the model is
+        loaded and the engine loop beats. Redis health is reported, never required (cached
+        adapters keep serving while it is down)."""
+        if not self.engine.alive():
+            raise EngineStoppedError("the engine loop is not running or has stalled")
+        return {"status": "ready", "model": self.base_name,
+                "store": "ok" if self.store.available else "unavailable"}
 
 
 def get_service(request: Request) -> Service:

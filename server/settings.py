@@ -57,6 +57,10 @@ class EngineSettings(BaseSettings):
     max_stop_sequences: int = Field(8, ge=0)
     max_stop_length: int = Field(128, ge=1)
     drain_timeout_s: float = Field(30.0, ge=0)
+    ready_stall_s: float = Field(
+        120.0, gt=0, description="readiness fails when the scheduler loop has not beaten for "
+                                 "this long (a step that hangs); the idle loop beats every "
+                                 "second")
     retry_after_min_s: int = Field(1, ge=1)
     retry_after_max_s: int = Field(60, ge=1)
 

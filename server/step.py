@@ -9,6 +9,13 @@ finishes.
 
 The event loop never touches the state below while a step runs; the step never touches
 the scheduler's queues. Each step returns the events to deliver.
+
+Failures are contained where they belong: a row whose sampling, stop strings,
+detokenization or logits (NaN from its adapter) fail is dropped from the batch and reported
+in ``StepResult.failed`` with a :class:`~server.errors.RowError`; a prefill forward runs one
+request, so its failure is that request's; a decode forward that fails is retried once
+(its cache is untouched), then fails the rows of that forward group only
+(:class:`~server.errors.StepError`), and the other groups go on.
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ from transformers import DynamicCache
 
 from adapters import SlotPool
 from server.detok import TextStream
+from server.errors import RowError, StepError
 from server.kvcache import BatchCache, cache_tensors
 from server.model import LoadedModel
 from server.requests import FinishReason, RequestHandle, TokenEvent
-from server.sampling import Sampler
+from server.sampling import NonFiniteLogitsError, Sampler
 from server.slots import AdapterLoader, Write
 
 log = logging.getLogger(__name__)
@@ -74,6 +82,7 @@ class StepResult:
     failed_writes: list[tuple[Write, BaseException]] = field(default_factory=list)
     joined: list[Row] = field(default_factory=list)  # prefill finished -> running
     finished: list[Row] = field(default_factory=list)
+    failed: list[tuple[Row, BaseException]] = field(default_factory=list)  # row, its error
     decode_rows: int = 0
     prefill_tokens: int = 0
     request_ids: list[str] = field(default_factory=list)  # per forward row
@@ -150,13 +159,20 @@ class Stepper:
                 failed_keys.add(write.key)
         for group in self.groups:
             if group.rows:
-                self._decode(group, result)
+                self._decode_group(group, result)
         for seq, count in plan.prefill:
             if seq.key is not None and seq.key in failed_keys:
                 continue
-            self._prefill(seq, count, result)
-        if result.finished:
-            self._keep(set(result.finished))
+            try:
+                self._prefill(seq, count, result)
+            except Exception as exc:  # one request's forward: it fails alone
+                log.warning("prefill failed", extra={"request_id": seq.request_id,
+                                                     "adapter": seq.key, "error": repr(exc)})
+                seq.cache = None
+                result.failed.append((seq, _row_error(exc, "prefill")))
+        gone = set(result.finished) | {seq for seq, _ in result.failed}
+        if gone:
+            self._keep(gone)
         return result
 
     def clear(self) -> None:
@@ -164,7 +180,46 @@ class Stepper:
         self.merged = {}
 
     # --- forwards -----------------------------------------------------------------------
-    def _decode(self, group: Group, result: StepResult) -> None:
+    def _decode_group(self, group: Group, result: StepResult) -> None:
+        """One decode forward of ``group``. A failed forward leaves the batch cache as it
+        was (the grown cache is only taken back on success), so it is retried once (a
+        transient device OOM, say); if it fails again, the group's rows fail."""
+        try:
+            logits = self._decode_forward(group)  # [B, V]
+        except Exception as first:
+            log.warning("decode forward failed; retrying once",
+                        extra={"rows": len(group.rows), "error": repr(first)})
+            try:
+                logits = self._decode_forward(group)
+            except Exception as exc:
+                log.exception("decode forward failed twice", extra={
+                    "rows": len(group.rows), "merged": not group.pooled})
+                error = StepError(f"forward step failed: {exc!r}")
+                result.failed.extend((seq, error) for seq in group.rows)
+                return
+        rows = group.rows
+        greedy, bad = torch.stack([  # one host sync for every row: argmax, non-finite
+            logits.argmax(dim=-1),
+            (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1).long()]).tolist()
+        for i, seq in enumerate(rows):
+            try:
+                if bad[i]:
+                    raise NonFiniteLogitsError(
+                        "the model produced non-finite logits for this request (NaN or "
+                        "+inf); its adapter may be broken")
+                token = (greedy[i] if seq.sampler.generator is None
+                         else seq.sampler.pick(logits[i]))
+                self._emit(seq, int(token), result)
+            except Exception as exc:  # this row's sampling / stop strings / detokenizing
+                log.warning("row failed", extra={"request_id": seq.request_id,
+                                                 "adapter": seq.key, "error": repr(exc)})
+                result.failed.append((seq, _row_error(exc, "decode")))
+        result.decode_rows += len(rows)
+        result.request_ids.extend(s.request_id for s in rows)
+        result.adapters.extend(s.key for s in rows)
+        result.merged.extend([not group.pooled] * len(rows))
+
+    def _decode_forward(self, group: Group) -> torch.Tensor:
         rows = group.rows
         ids = torch.tensor([[s.last_token] for s in rows], dtype=torch.long,
                            device=self.base.device)  # [B, 1]
@@ -173,15 +228,7 @@ class Stepper:
             out = group.model(input_ids=ids, attention_mask=attention,
                               position_ids=positions, past_key_values=cache, use_cache=True)
         group.cache.advance(out.past_key_values, attention)
-        logits = out.logits[:, -1, :]  # [B, V]
-        greedy = logits.argmax(dim=-1).tolist()  # one host sync for the greedy rows
-        for i, seq in enumerate(rows):
-            token = greedy[i] if seq.sampler.generator is None else seq.sampler.pick(logits[i])
-            self._emit(seq, int(token), result)
-        result.decode_rows += len(rows)
-        result.request_ids.extend(s.request_id for s in rows)
-        result.adapters.extend(s.key for s in rows)
-        result.merged.extend([not group.pooled] * len(rows))
+        return out.logits[:, -1, :]  # type: ignore[no-any-return]  # [B, V]
 
     def _prefill(self, seq: Row, count: int, result: StepResult) -> None:
         start = seq.prefilled
@@ -236,3 +283,12 @@ class Stepper:
         for key, group in list(self.merged.items()):
             if not group.rows:
                 del self.merged[key]
+
+
+def _row_error(exc: Exception, stage: str) -> RowError:
+    """``exc`` as the row's own error (a RowError passes through unchanged)."""
+    if isinstance(exc, RowError):
+        return exc
+    error = RowError(f"generation failed during {stage}: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error

@@ -2,7 +2,9 @@
 
 ``settings.redis_url is None`` (the default): tessera starts ``redis-server`` on
 ``settings.data_dir`` listening on a unix socket only (``port 0``), with AOF on and
-``appendfsync`` from the settings, and stops it when the handle closes. A lock file keeps
+``appendfsync`` from the settings, and stops it when the handle closes. While the handle is
+open a :class:`store.embedded.Supervisor` restarts that server if it dies (same data
+directory, capped exponential backoff); the client reconnects by itself. A lock file keeps
 two tessera processes off one data directory; a ``redis-server`` left running on that
 socket by a tessera that died is shut down (it flushes its AOF) and replaced.
 
@@ -31,7 +33,7 @@ from redis.asyncio import Redis
 
 from store.cache import HostCache
 from store.client import connect
-from store.embedded import EmbeddedRedis
+from store.embedded import EmbeddedRedis, EmbeddedStats, Supervisor
 from store.errors import StoreUnavailableError
 from store.keys import Keys
 from store.resilient import CachedStore
@@ -68,6 +70,7 @@ class StoreHandle:
     keys: Keys
     url: str
     embedded: EmbeddedRedis | None = None
+    _supervisor: Supervisor | None = field(default=None, repr=False)
     _lock: _DataDirLock | None = field(default=None, repr=False)
     _closed: bool = field(default=False, repr=False)
 
@@ -83,10 +86,19 @@ class StoreHandle:
                            HostCache(self.settings.host_cache_bytes, size_of),
                            ChangeWatcher(self.redis, self.keys, self.settings))
 
+    def embedded_stats(self) -> EmbeddedStats | None:
+        """Whether the embedded redis-server is up and how often it was restarted; None
+        with an external Redis (tessera does not own that one)."""
+        return self._supervisor.stats() if self._supervisor is not None else None
+
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._supervisor is not None:
+            # first, and awaited: a restart in progress finishes, then none starts again,
+            # so the stop below is never taken for a death
+            await self._supervisor.stop()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
         if self.embedded is not None:
@@ -145,15 +157,20 @@ async def _open_embedded(settings: StoreSettings, keys: Keys) -> StoreHandle:
     try:
         if _answers(server.socket_path):
             await _shutdown_orphan(server.socket_path, settings)
-        await asyncio.to_thread(server.start)
+        await asyncio.to_thread(server.start, settings.embedded_start_timeout_s)
     except BaseException:
         lock.release()
         raise
     log.info("store: started embedded redis-server",
              extra={"data_dir": str(data_dir), "socket": str(server.socket_path),
                     "pid": server.pid, "appendfsync": settings.appendfsync})
+    supervisor = Supervisor(server, interval_s=settings.embedded_watch_interval_s,
+                            backoff_s=settings.embedded_restart_backoff_s,
+                            backoff_cap_s=settings.embedded_restart_backoff_cap_s,
+                            start_timeout_s=settings.embedded_start_timeout_s)
+    supervisor.start()
     return StoreHandle(settings=settings, redis=connect(server.url, settings), keys=keys,
-                       url=server.url, embedded=server, _lock=lock)
+                       url=server.url, embedded=server, _supervisor=supervisor, _lock=lock)
 
 
 def _answers(path: Path) -> bool:

@@ -141,6 +141,12 @@ class CachedStore:
                     del self._bindings[key]
 
     # --- cached reads -------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        """Redis answered the last periodic check and no read fell back to the cache in
+        the last ``stale_retry_s`` (health reporting only; never blocks serving)."""
+        return self.watcher.reachable and not self._redis_recently_down()
+
     def _redis_recently_down(self) -> bool:
         return time.monotonic() < self._down_until
 

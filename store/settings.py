@@ -27,6 +27,18 @@ class StoreSettings(BaseSettings):
     redis_server_binary: str = "redis-server"
     appendfsync: Literal["always", "everysec", "no"] = "everysec"
     embedded_maxmemory: str = Field("0", description="redis maxmemory, e.g. '2gb'; 0 = none")
+    embedded_watch_interval_s: float = Field(
+        0.25, gt=0, description="how often the supervisor checks the embedded redis-server "
+                                "is still running")
+    embedded_restart_backoff_s: float = Field(
+        0.2, gt=0, description="delay before restarting an embedded redis-server that died; "
+                               "doubles with each further death or failed start")
+    embedded_restart_backoff_cap_s: float = Field(
+        10.0, gt=0, description="the most the restart delay grows to; a server that stays up "
+                                "this long resets it to embedded_restart_backoff_s")
+    embedded_start_timeout_s: float = Field(
+        10.0, gt=0, description="how long a (re)started embedded redis-server has to answer "
+                                "PING (it loads the AOF first)")
     # client behaviour: writes fail within ~connect + retries x (timeout + backoff)
     socket_timeout_s: float = Field(1.0, gt=0)
     connect_timeout_s: float = Field(0.5, gt=0)

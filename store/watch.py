@@ -144,6 +144,7 @@ class ChangeWatcher:
         self.resyncs = 0
         self.checks = 0
         self.subscriptions = 0
+        self.reachable = True  # the last version check reached Redis (health reporting)
 
     # --- public API ---------------------------------------------------------------------
     def add_listener(self, listener: Listener) -> None:
@@ -308,10 +309,12 @@ class ChangeWatcher:
             try:
                 await self._check()
                 outage.ok()
+                self.reachable = True
             except asyncio.CancelledError:
                 raise
             except _REDIS_ERRORS as exc:
                 outage.failed(exc)
+                self.reachable = False
             except Exception:
                 log.exception("change watcher: version check failed")
             self._checks_finished += 1

@@ -6,10 +6,10 @@ from __future__ import annotations
 import threading
 import time
 
-import uvicorn
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from server.app import create_app
+from server.runner import TesseraServer
 from server.server_settings import ServerSettings
 from server.settings import EngineSettings
 from store.embedded import free_port
@@ -50,9 +50,9 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(settings)
         self.start_timeout_s = start_timeout_s
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.server = TesseraServer(self.app, host="127.0.0.1", port=self.port,
+                                    log_level="warning",
+                                    drain_timeout_s=settings.engine.drain_timeout_s)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
 
     def __enter__(self) -> LiveServer:

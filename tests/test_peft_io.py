@@ -254,6 +254,31 @@ def test_bad_config_field_is_named(lora_dir: Path, field: str, value: object) ->
     assert info.value.tensor.split(".")[1] == field, info.value.tensor
 
 
+@pytest.mark.parametrize(("text", "field"), [
+    ('"lora_alpha": Infinity', "config.lora_alpha"),
+    ('"lora_alpha": -Infinity', "config.lora_alpha"),
+    ('"lora_alpha": NaN', "config.lora_alpha"),
+    ('"lora_alpha": 1e38', "config.lora_alpha"),
+    ('"lora_alpha": 1e400', "config.lora_alpha"),  # json reads it as inf
+    ('"r": 100000000000000000000000000000000000000', "config.r"),
+    ('"alpha_pattern": {"q_proj": Infinity}', "config.alpha_pattern.q_proj"),
+    ('"alpha_pattern": {"q_proj": 1e38}', "config.alpha_pattern.q_proj"),
+    ('"rank_pattern": {"q_proj": 1000000000}', "config.rank_pattern.q_proj"),
+    ('"lora_dropout": NaN', "config.lora_dropout"),
+    ('"lora_dropout": 1.5', "config.lora_dropout"),
+])
+def test_non_finite_or_absurd_scalar_text_is_named(lora_dir: Path, text: str,
+                                                   field: str) -> None:
+    """``adapter_config.json`` text as uploaded: Python's json accepts Infinity and NaN."""
+    config, weights = files(lora_dir)
+    name = text.split(":")[0].strip('"')
+    config.pop(name, None)
+    raw = json.dumps(config)[:-1] + ", " + text + "}"
+    with pytest.raises(AdapterValidationError) as info:
+        load_peft(raw.encode(), weights)
+    assert info.value.tensor == field, info.value
+
+
 def test_missing_config_file(tmp_path: Path, lora_dir: Path) -> None:
     (tmp_path / WEIGHTS_NAME).write_bytes((lora_dir / WEIGHTS_NAME).read_bytes())
     with pytest.raises(AdapterValidationError, match=CONFIG_NAME):

@@ -51,7 +51,9 @@ class LowRankBank(Bank):
         b = self.t["B"].index_select(0, slots)[:, :, :r]  # [U, out, r]
         b = b.transpose(0, 1).reshape(b.shape[1], u * r)  # [out, U r]
         low = (x @ a.t()).view(-1, u, r)  # [N, U, r]: every token against every active A
-        low = low * onehot.unsqueeze(-1).to(low.dtype)  # keep each token's own slot block
+        # keep each token's own slot block; masked_fill, not a multiply: an overflow in
+        # another tenant's block (inf * 0 = NaN) must not reach this token
+        low = low.masked_fill(~onehot.unsqueeze(-1), 0.0)
         return torch.addmm(h, low.view(-1, u * r), b.t())  # [N, out]
 
     def apply_per_token(self, routing: Routing, active: list[int], h: torch.Tensor,

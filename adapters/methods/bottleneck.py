@@ -21,16 +21,23 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from adapters.banks.bottleneck import Activation, activation, slot_meta
-from adapters.method import Method, MethodConfig, SlotData, Tensors
+from adapters.method import (
+    Method,
+    MethodConfig,
+    PositiveFraction,
+    Rank,
+    SlotData,
+    Tensors,
+)
 from adapters.registry import register
 from adapters.targets import TargetInfo
 
 
 class BottleneckConfig(MethodConfig):
-    dim: int = Field(ge=1, description="bottleneck width k")
+    dim: Rank = Field(description="bottleneck width k")
     activation: Activation = "relu"
     layer_norm: bool = False
-    layer_norm_eps: float = Field(1e-5, gt=0)
+    layer_norm_eps: PositiveFraction = 1e-5
     target_modules: list[str] | str
 
 

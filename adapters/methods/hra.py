@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from adapters.errors import AdapterValidationError
-from adapters.method import Method, MethodConfig, SlotData, Tensors
+from adapters.method import Method, MethodConfig, Rank, SlotData, Tensors
 from adapters.registry import register
 from adapters.targets import TargetInfo
 
@@ -36,7 +35,7 @@ GS_RELATIVE_TOL = 1e-4  # Gram-Schmidt residual below this share of the column: 
 
 
 class HraConfig(MethodConfig):
-    r: int = Field(8, ge=1)
+    r: Rank = 8
     apply_GS: bool = False
     target_modules: list[str] | str
 

@@ -26,15 +26,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from adapters.method import Method, MethodConfig, SlotData, Tensors
+from adapters.method import Method, MethodConfig, PositiveScale, Rank, SlotData, Tensors
 from adapters.registry import register
 from adapters.targets import TargetInfo
 
 
 class HutConfig(MethodConfig):
-    r: int = Field(8, ge=1, description="rank of M_A M_B")
-    alpha: float = Field(8.0, gt=0, allow_inf_nan=False,
-                         description="s = alpha / r scales M_A M_B")
+    r: Rank = Field(8, description="rank of M_A M_B")
+    alpha: PositiveScale = Field(8.0, description="s = alpha / r scales M_A M_B")
     target_modules: list[str] | str
 
     @property

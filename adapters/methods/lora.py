@@ -15,18 +15,18 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from adapters.method import Method, MethodConfig, SlotData, Tensors
+from adapters.method import Method, MethodConfig, PositiveScale, Rank, SlotData, Tensors
 from adapters.registry import register
 from adapters.targets import TargetInfo, pattern_value
 
 
 class LoraConfig(MethodConfig):
-    r: int = Field(8, ge=1)
-    lora_alpha: float = Field(8.0, gt=0)
+    r: Rank = 8
+    lora_alpha: PositiveScale = 8.0
     target_modules: list[str] | str
     use_rslora: bool = False
-    rank_pattern: dict[str, int] = Field(default_factory=dict)
-    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    rank_pattern: dict[str, Rank] = Field(default_factory=dict)
+    alpha_pattern: dict[str, PositiveScale] = Field(default_factory=dict)
 
     def rank_of(self, path: str) -> int:
         return pattern_value(self.rank_pattern, path, self.r)

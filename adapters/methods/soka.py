@@ -31,7 +31,16 @@ from pydantic import Field
 
 from adapters.banks.kron import KronFactors, kron_factors
 from adapters.errors import AdapterValidationError
-from adapters.method import Method, MethodConfig, SlotData, Tensors
+from adapters.method import (
+    Method,
+    MethodConfig,
+    PositiveFraction,
+    Rank,
+    Scale,
+    Size,
+    SlotData,
+    Tensors,
+)
 from adapters.registry import register
 from adapters.targets import TargetInfo, pattern_value
 
@@ -40,18 +49,17 @@ class RankSelection(MethodConfig):
     """How the per-module numbers of terms were chosen from the KPSVD spectra."""
 
     rule: Literal["energy", "elbow", "fixed"]
-    tau: float | None = Field(None, gt=0, le=1, description="energy threshold")
-    energy_rank: dict[str, int] = Field(default_factory=dict)  # module path -> rank
-    elbow_rank: dict[str, int] = Field(default_factory=dict)  # module path -> rank
+    tau: PositiveFraction | None = Field(None, description="energy threshold")
+    energy_rank: dict[str, Rank] = Field(default_factory=dict)  # module path -> rank
+    elbow_rank: dict[str, Rank] = Field(default_factory=dict)  # module path -> rank
 
 
 class SokaConfig(MethodConfig):
-    r: int = Field(8, ge=1, description="number of Kronecker terms")
-    scale: float = Field(1.0, allow_inf_nan=False,
-                         description="s in dW = s * sum_j A_j ⊗ B_j")
+    r: Rank = Field(8, description="number of Kronecker terms")
+    scale: Scale = Field(1.0, description="s in dW = s * sum_j A_j ⊗ B_j")
     target_modules: list[str] | str
-    rank_pattern: dict[str, int] = Field(default_factory=dict)  # PEFT-style per-module r
-    factors: dict[str, list[int]] = Field(
+    rank_pattern: dict[str, Rank] = Field(default_factory=dict)  # PEFT-style per-module r
+    factors: dict[str, list[Size]] = Field(
         default_factory=dict, description="module path -> declared [m, n, p, q]")
     selection: RankSelection | None = None
 

@@ -3,17 +3,19 @@ completions (SSE streaming), and the tenant's models."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.auth import TenantName
-from server.errors import QueueFullError
+from server.errors import ClientGone, QueueFullError
+from server.http_errors import describe
 from server.metrics import Metrics
 from server.requests import RequestHandle, TokenEvent, collect
 from server.sampling import SamplingParams
@@ -68,8 +70,9 @@ async def _run(service: Service, tenant: str, model: str, body: Sampling, *,
     """Submit and wait for the first event, so that a failure before the first token
     (adapter load, queue) still answers with its own status instead of a broken stream."""
     try:
-        handle, observed.method = await service.submit(
-            tenant, model, prompt=prompt, messages=messages, sampling=sampling_of(body))
+        spec, observed.method = await service.resolve(tenant, model)
+        handle = await service.submit(spec, prompt=prompt, messages=messages,
+                                      sampling=sampling_of(body))
     except QueueFullError:
         observed.end(None, "rejected")
         raise
@@ -91,23 +94,31 @@ async def _run(service: Service, tenant: str, model: str, body: Sampling, *,
 async def _prepend(first: TokenEvent, rest: AsyncGenerator[TokenEvent, None],
                    observed: _Observed) -> AsyncIterator[TokenEvent]:
     last: TokenEvent | None = first
+    outcome: str | None = None
     try:
         yield first
         if first.finish_reason is None:
             async for event in rest:
                 last = event
                 yield event
+    except Exception:
+        outcome = "error"
+        raise
     finally:  # finished, failed or abandoned by the client: counted once
         reason = last.finish_reason if last is not None else None
-        observed.end(last, reason or "cancelled")
+        observed.end(last, outcome or reason or "cancelled")
 
 
 def _sse(handle: RequestHandle, events: AsyncIterator[TokenEvent],
          chunk: Chunk) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
         try:
-            async for event in events:
-                yield f"data: {json.dumps(chunk(event))}\n\n"
+            try:
+                async for event in events:
+                    yield f"data: {json.dumps(chunk(event))}\n\n"
+            except Exception as exc:  # failed after the first bytes: say so, never cut
+                _, error, _ = describe(exc)
+                yield f"data: {json.dumps(error)}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # client gone (or done): the row leaves the batch
             handle.cancel()
@@ -116,8 +127,34 @@ def _sse(handle: RequestHandle, events: AsyncIterator[TokenEvent],
                              headers={"Cache-Control": "no-cache"})
 
 
-async def _answer(service: Service, tenant: str, model: str, body: Sampling, *,
-                  prompt: str | Sequence[int] | None,
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (the body was read: the next ASGI message is
+    ``http.disconnect``)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect_unless_gone(request: Request, handle: RequestHandle,
+                               stream: AsyncIterator[TokenEvent]
+                               ) -> tuple[list[int], str, TokenEvent]:
+    """The whole result; a client that leaves first cancels the row at once (a
+    non-streaming request must not keep generating for nobody)."""
+    work = asyncio.ensure_future(collect(stream))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            handle.cancel()  # the row leaves the batch before the next step
+            work.cancel()
+    if not work.done() or work.cancelled():
+        raise ClientGone()
+    return work.result()
+
+
+async def _answer(request: Request, service: Service, tenant: str, model: str,
+                  body: Sampling, *, prompt: str | Sequence[int] | None,
                   messages: Sequence[Mapping[str, str]] | None, chunk: Chunk,
                   whole: Callable[[list[int], str, TokenEvent], Any]) -> Any:
     observed = _Observed(service.metrics, tenant)
@@ -127,7 +164,7 @@ async def _answer(service: Service, tenant: str, model: str, body: Sampling, *,
     if body.stream:
         return _sse(handle, stream, chunk)
     try:
-        ids, text, last = await collect(stream)
+        ids, text, last = await _collect_unless_gone(request, handle, stream)
     finally:
         handle.cancel()
     return whole(ids, text, last)
@@ -139,7 +176,8 @@ def _usage(last: TokenEvent) -> dict[str, int]:
 
 
 @router.post("/tasks/{task}/generate", response_model=None)
-async def generate(task: str, body: GenerateIn, tenant: TenantName, service: Svc) -> Any:
+async def generate(task: str, body: GenerateIn, tenant: TenantName, service: Svc,
+                   request: Request) -> Any:
     rid = f"gen-{uuid.uuid4().hex}"
     messages = [m.model_dump(include={"role", "content"}) for m in body.messages or []]
 
@@ -154,13 +192,14 @@ async def generate(task: str, body: GenerateIn, tenant: TenantName, service: Svc
                            prompt_tokens=last.prompt_tokens,
                            completion_tokens=last.completion_tokens)
 
-    return await _answer(service, tenant, task, body, prompt=body.prompt,
+    return await _answer(request, service, tenant, task, body, prompt=body.prompt,
                          messages=messages if body.messages is not None else None,
                          chunk=chunk, whole=whole)
 
 
 @router.post("/completions", response_model=None)
-async def completions(body: CompletionIn, tenant: TenantName, service: Svc) -> Any:
+async def completions(body: CompletionIn, tenant: TenantName, service: Svc,
+                      request: Request) -> Any:
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def base(choice: dict[str, Any]) -> dict[str, Any]:
@@ -177,12 +216,13 @@ async def completions(body: CompletionIn, tenant: TenantName, service: Svc) -> A
                     "finish_reason": last.finish_reason})
         return {**out, "usage": _usage(last)}
 
-    return await _answer(service, tenant, body.model, body, prompt=body.prompt,
+    return await _answer(request, service, tenant, body.model, body, prompt=body.prompt,
                          messages=None, chunk=chunk, whole=whole)
 
 
 @router.post("/chat/completions", response_model=None)
-async def chat_completions(body: ChatIn, tenant: TenantName, service: Svc) -> Any:
+async def chat_completions(body: ChatIn, tenant: TenantName, service: Svc,
+                           request: Request) -> Any:
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
 
@@ -200,7 +240,8 @@ async def chat_completions(body: ChatIn, tenant: TenantName, service: Svc) -> An
                              "finish_reason": last.finish_reason}],
                 "usage": _usage(last)}
 
-    return await _answer(service, tenant, body.model, body, prompt=None, messages=messages,
+    return await _answer(request, service, tenant, body.model, body, prompt=None,
+                         messages=messages,
                          chunk=chunk, whole=whole)
 
 

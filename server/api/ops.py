@@ -29,9 +29,12 @@ async def metrics(request: Request) -> Response:
 @router.get("/readyz", response_model=None)
 async def readyz(service: Annotated[Service, Depends(get_service)]
                  ) -> dict[str, Any] | JSONResponse:
+    """Ready = the model is loaded and the engine loop beats; answered from memory (no
+    queued generation, no Redis call), so probes cannot take tenant capacity and a Redis
+    outage never takes a replica that still serves cached adapters out of its Service.
+    ``store`` reports Redis health."""
     try:
-        await service.ready()
+        return service.ready()
     except Exception as exc:  # any failure means "not ready", reported, never raised
         log.warning("not ready", extra={"error": type(exc).__name__, "detail": str(exc)})
         return JSONResponse(error_body("not_ready", f"{type(exc).__name__}: {exc}"), 503)
-    return {"status": "ready", "model": service.base_name}

@@ -15,6 +15,7 @@ from server.metrics import Metrics, MetricsSettings, TenantLabels, method_label
 from server.requests import GenerationRequest
 from server.scheduler import StepReport
 from store.cache import HostCache
+from store.embedded import EmbeddedStats
 from tests.server.conftest import GREEDY, EngineFactory, HermeticSettings, spec
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -174,6 +175,23 @@ def test_tenant_labels() -> None:
     assert method_label("dora") == "dora" and method_label("") == "base"
     assert method_label("lora+bottleneck") == "mixed"
     assert method_label("hra+hra") == "hra" and method_label("evil-id") == "other"
+
+
+def test_embedded_store_state_read_at_scrape_time() -> None:
+    metrics = Metrics(CollectorRegistry())
+    current: list[EmbeddedStats | None] = [None]
+    metrics.bind_store(lambda: current[0])
+    families, _ = scrape(metrics)
+    assert not {f for f in families if f.startswith("tessera_embedded_redis")}  # external
+    current[0] = EmbeddedStats(up=False, restarts=2, restart_failures=3)
+    _, s = scrape(metrics)
+    assert value(s, "tessera_embedded_redis_up") == 0
+    assert value(s, "tessera_embedded_redis_restarts_total") == 2
+    assert value(s, "tessera_embedded_redis_restart_failures_total") == 3
+    current[0] = EmbeddedStats(up=True, restarts=3, restart_failures=3)
+    _, s = scrape(metrics)
+    assert value(s, "tessera_embedded_redis_up") == 1
+    assert value(s, "tessera_embedded_redis_restarts_total") == 3
 
 
 def test_registries_are_per_app() -> None:

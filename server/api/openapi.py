@@ -1,0 +1,98 @@
+"""What the OpenAPI document declares beyond the route signatures: the error responses
+(one body shape, :func:`server.http_errors.error_body`) and the multipart request bodies of
+the upload routes, which read their form by hand (:mod:`server.uploads`).
+
+Routers attach the codes every one of their routes can answer (``APIRouter(responses=
+errors(...))``); a route adds its own on its decorator. FastAPI's default 422 body
+(``{"detail": [...]}``) is never declared: :func:`errors` always replaces it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic.json_schema import SkipJsonSchema
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="machine-readable kind, e.g. 'invalid_name', 'queue_full'")
+    message: str = Field(description="what went wrong, naming the numbers involved")
+    field: str | SkipJsonSchema[None] = Field(
+        None, description="the request field, form part, tensor or config key to blame; "
+                          "absent when none is")
+
+
+class ErrorBody(BaseModel):
+    """The one error shape of every status >= 400."""
+
+    error: ErrorDetail
+
+
+Responses = dict[int | str, dict[str, Any]]
+
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
+                                "required": True, "schema": {"type": "integer", "minimum": 1}}}
+_WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "the authentication scheme (Bearer)",
+                                          "schema": {"type": "string"}}}
+
+_ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
+    400: ("Bad input: a name breaking the name rule (type 'invalid_name'), a malformed "
+          "path parameter, multipart body or archive, prompt + max_tokens over the context "
+          "(both numbers given), a limit of the server's configuration", {}),
+    401: ("Missing or invalid API key", _WWW_AUTHENTICATE),
+    403: ("The key is valid but not for this endpoint (admin key on a tenant route or "
+          "the reverse)", {}),
+    404: ("Unknown, or owned by another tenant (the two are indistinguishable)", {}),
+    409: ("Conflict: the name already exists, a compare-and-set lost "
+          "(expected_revision), or a task is still bound to the version", {}),
+    413: ("The upload exceeds the server's limit (refused before it is buffered whole)",
+          {}),
+    415: ("Not multipart/form-data, or a pickle-based / non-safetensors weights file "
+          "(nothing was loaded)", {}),
+    422: ("A field fails validation (type, bound, required), or the adapter is invalid "
+          "(the field names the tensor or config key)", {}),
+    429: ("The queue is full: retry after Retry-After seconds", _RETRY_AFTER),
+    503: ("A dependency is down (Redis) or the engine is stopping / failed a step", {}),
+}
+
+
+def errors(*codes: int) -> Responses:
+    """OpenAPI ``responses`` entries for ``codes``, each with the error body."""
+    out: Responses = {}
+    for code in codes:
+        description, headers = _ERRORS[code]
+        entry: dict[str, Any] = {"model": ErrorBody, "description": description}
+        if headers:
+            entry["headers"] = headers
+        out[code] = entry
+    return out
+
+
+# every route behind a bearer key: bad key, wrong kind of key, Redis down (the key lookup)
+AUTHENTICATED = errors(401, 403, 503)
+# every upload: body limits and formats on top of bad input and invalid adapters
+UPLOAD = errors(400, 409, 413, 415, 422)
+
+
+def event_stream(model: type[BaseModel], description: str) -> Responses:
+    """The 200 of an inference route: ``model`` as JSON, or SSE with ``stream: true``."""
+    return {200: {"model": model, "description": description, "content": {
+        "text/event-stream": {"schema": {"type": "string"}, "description": (
+            "with stream: true: 'data: <chunk JSON>' events, then 'data: [DONE]'")}}}}
+
+
+def _binary(description: str) -> dict[str, Any]:
+    return {"type": "string", "format": "binary", "description": description}
+
+
+def multipart(*alternatives: dict[str, str], description: str) -> dict[str, Any]:
+    """``openapi_extra`` declaring a required multipart body: one of ``alternatives``, each
+    ``{part name: description}`` with every part required and no other part allowed."""
+    schemas = [{"type": "object", "properties": {name: _binary(text)
+                                                 for name, text in parts.items()},
+                "required": list(parts), "additionalProperties": False}
+               for parts in alternatives]
+    schema = schemas[0] if len(schemas) == 1 else {"oneOf": schemas}
+    return {"requestBody": {"required": True, "description": description,
+                            "content": {"multipart/form-data": {"schema": schema}}}}

@@ -1,0 +1,131 @@
+"""A failure that belongs to one row fails that row only: its sampling values, its adapter's
+non-finite output, its detokenization. A failed decode forward is retried once; if it
+keeps failing only the rows of that forward fail, and the engine keeps serving. Every
+surviving row equals the independent reference."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import torch
+
+from adapters import Adapter, Component
+from server.errors import RowError, StepError
+from server.requests import GenerationRequest, RequestHandle
+from server.sampling import NonFiniteLogitsError, SamplingParams
+from tests.server.conftest import GREEDY, PROMPTS, EngineFactory, Reference, spec
+
+
+def overflowing(adapter: Adapter) -> Adapter:
+    """``adapter``'s LoRA with finite weights so large that its output overflows to inf
+    (finite, so it passes validation; the damage shows only in the forward)."""
+    lora = adapter.components[0]
+    modules = {path: {name: torch.full_like(t, 1e19) for name, t in tensors.items()}
+               for path, tensors in lora.modules.items()}
+    return Adapter((Component("lora", lora.config, modules),))
+
+
+async def test_poison_rows_fail_alone(make_engine: EngineFactory,
+                                      adapters: dict[str, Adapter],
+                                      reference: Reference) -> None:
+    engine = await make_engine()
+    poison = {
+        "tiny temperature": SamplingParams(temperature=1e-40, max_tokens=8, seed=1),
+        "denormal top_p": SamplingParams(top_p=5e-324, max_tokens=8, seed=2),
+    }
+    good = [engine.submit(GenerationRequest(prompt=PROMPTS[i], sampling=GREEDY,
+                                            adapter=spec(n, adapters[n]) if n else None))
+            for i, n in enumerate(("lora", None, "hra", None))]
+    odd = {name: engine.submit(GenerationRequest(prompt=PROMPTS[5], sampling=params))
+           for name, params in poison.items()}
+    broken = engine.submit(GenerationRequest(
+        prompt=PROMPTS[6], sampling=GREEDY,
+        adapter=spec("overflow", overflowing(adapters["lora"]))))
+    with pytest.raises(NonFiniteLogitsError):
+        await broken.result()
+    for name, handle in odd.items():  # both collapse to the top token: greedy
+        assert (await handle.result()).token_ids == reference.greedy(None, PROMPTS[5], 8), name
+    for i, (n, handle) in enumerate(zip(("lora", None, "hra", None), good, strict=True)):
+        want = reference.greedy(adapters[n] if n else None, PROMPTS[i], 8)
+        assert (await handle.result()).token_ids == want
+    assert engine.stats().finished.get("error") == 1
+
+
+def row_of(engine: Any, handle: RequestHandle) -> Any:
+    return next(r for r in engine.scheduler.waiting if r.handle is handle)
+
+
+async def test_a_detokenizer_failure_mid_stream_fails_that_row(
+        make_engine: EngineFactory, reference: Reference) -> None:
+    """Fault injection: one row's text stream raises on its third token (decode stage,
+    inside a batch that keeps running)."""
+    engine = await make_engine()
+    others = [engine.submit(GenerationRequest(prompt=p, sampling=GREEDY)) for p in PROMPTS[:3]]
+    victim = engine.submit(GenerationRequest(prompt=PROMPTS[3], sampling=GREEDY))
+    stream = row_of(engine, victim).stream
+    real, calls = stream._decode, [0]
+
+    def decode(ids: Any) -> str:
+        calls[0] += 1
+        if len(stream.ids) - stream._generated_start >= 3:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+        return str(real(ids))
+
+    stream._decode = decode
+    got: list[int] = []
+    with pytest.raises(RowError, match="injected"):
+        async for event in victim:
+            if event.token_id is not None:
+                got.append(event.token_id)
+    assert got == reference.greedy(None, PROMPTS[3], 2)  # two tokens went out first
+    for prompt, handle in zip(PROMPTS[:3], others, strict=True):
+        assert (await handle.result()).token_ids == reference.greedy(None, prompt, 8)
+
+
+async def test_a_failed_decode_forward_is_retried_once(
+        make_engine: EngineFactory, reference: Reference,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = await make_engine()
+    model = engine.base.model
+    real = model.forward
+    failures = [0]
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] == 1 and failures[0] == 0:  # first decode
+            failures[0] += 1
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", flaky)
+    handles = [engine.submit(GenerationRequest(prompt=p, sampling=GREEDY)) for p in PROMPTS[:3]]
+    results = await asyncio.gather(*(h.result() for h in handles))
+    assert failures[0] == 1
+    for prompt, result in zip(PROMPTS[:3], results, strict=True):
+        assert result.token_ids == reference.greedy(None, prompt, 8)
+
+
+async def test_a_decode_forward_that_keeps_failing_fails_its_rows_only(
+        make_engine: EngineFactory, reference: Reference,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = await make_engine()
+    model = engine.base.model
+    real = model.forward
+    broken = [True]
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        ids = kwargs.get("input_ids")
+        if broken[0] and ids is not None and ids.shape[1] == 1:
+            raise RuntimeError("device lost (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", failing)
+    handles = [engine.submit(GenerationRequest(prompt=p, sampling=GREEDY)) for p in PROMPTS[:2]]
+    for handle in handles:
+        with pytest.raises(StepError, match="device lost"):
+            await handle.result()
+    broken[0] = False  # the engine is still up: the next request runs normally
+    after = await engine.submit(GenerationRequest(prompt=PROMPTS[4], sampling=GREEDY)).result()
+    assert after.token_ids == reference.greedy(None, PROMPTS[4], 8)
