@@ -21,7 +21,9 @@ def validate_component(component: Component, available: Mapping[str, TargetInfo]
     Rules, in order: target modules exist in the base and every targeted module has
     weights; no weights for modules the config does not target; per module, exactly the
     schema's tensor names with its shapes; floating dtypes; finite values; rank limit; then
-    the method's own checks.
+    the method's own checks. Config scalars are bounded by the config types; the *lowered*
+    tensors need W0 and the banks' dtype and are checked by :func:`check_lowered` (run by
+    ``SlotPool.lower``, hence on every prepare, write and server upload).
     """
     method = registry.get(component.method)
     config = component.config

@@ -192,6 +192,10 @@ def install(app: FastAPI) -> None:
 
     async def on_http(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI's body parse, too deep
+            return JSONResponse(error_body(
+                "invalid_request", "the JSON body is nested too deeply to parse", "body"),
+                400)
         type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(type_, str(exc.detail)), exc.status_code,
                             headers=dict(exc.headers or {}))

@@ -3,7 +3,11 @@
 ``BodyLimit`` is a pure ASGI middleware: a declared ``Content-Length`` over the limit is
 refused with 413 at once; a body streamed without one (chunked) is counted as it arrives,
 and the first chunk past the limit answers 413 and ends the request (the route sees the
-client as gone). Multipart bodies (adapter and hypernetwork uploads, which
+client as gone). Before answering, up to :data:`DRAIN_CAP` more bytes are read and
+discarded (never kept), so an ordinary client that sends its whole body before reading
+gets its 413 instead of a reset connection; a bigger body is cut off there.
+
+Multipart bodies (adapter and hypernetwork uploads, which
 :func:`server.uploads.read_form` streams and counts itself) get the upload limit;
 everything else (JSON) gets the much smaller request limit, so a 300 MiB JSON body is
 never parsed.
@@ -16,6 +20,8 @@ import json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.http_errors import error_body
+
+DRAIN_CAP = 8 * 1024 * 1024  # bytes of a refused body read and thrown away before the 413
 
 
 class BodyLimit:
@@ -33,6 +39,7 @@ class BodyLimit:
         limit = self.max_upload_bytes if upload else self.max_request_bytes
         declared = _header(scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await _drain(receive)
             await _refuse(send, limit)
             return
         if upload:  # read_form counts the streamed parts itself, with the same limit
@@ -50,6 +57,8 @@ class BodyLimit:
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     refused = True
+                    if message.get("more_body", False):
+                        await _drain(receive)
                     await _refuse(send, limit)
                     return {"type": "http.disconnect"}  # the route stops reading
             return message
@@ -66,6 +75,18 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if key.lower() == name:
             return bytes(value)
     return None
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and discard the rest of a refused body, :data:`DRAIN_CAP` bytes at most."""
+    drained = 0
+    while drained <= DRAIN_CAP:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        drained += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def _refuse(send: Send, limit: int) -> None:

@@ -70,9 +70,11 @@ HypernetParam = Annotated[str, name_rule("hypernetwork"), _name_param("hypernetw
 TaskParam = Annotated[str, name_rule("task"), _name_param("task")]
 TenantParam = Annotated[str, name_rule("tenant"), _name_param("tenant")]
 
-# Versions and revisions are Redis counters, read by Lua as doubles: exact up to 2**53.
-MAX_COUNTER = 2**53 - 1
-VersionParam = Annotated[int, Path(ge=1, le=MAX_COUNTER, description="version (from 1)")]
+# Integers a JSON number carries exactly in every parser (I-JSON, RFC 7493): versions and
+# revisions (Redis counters, read by Lua as doubles) and seeds. A bound above it would not
+# even survive the schema's own JSON (2**63 reads back as a float).
+MAX_JSON_INT = 2**53 - 1
+VersionParam = Annotated[int, Path(ge=1, le=MAX_JSON_INT, description="version (from 1)")]
 
 
 # --- strictness -------------------------------------------------------------------------
@@ -158,8 +160,8 @@ class Activate(Strict):
     adapter: Omittable[AdapterName] = None
     hypernetwork: Omittable[HypernetName] = None
     hyper_task: Omittable[TaskName] = None
-    version: int = Field(ge=1, le=MAX_COUNTER)
-    expected_revision: int | None = Field(None, ge=0, le=MAX_COUNTER, description=(
+    version: int = Field(ge=1, le=MAX_JSON_INT)
+    expected_revision: int | None = Field(None, ge=0, le=MAX_JSON_INT, description=(
         "bind only if the task's revision is still this one (409 otherwise)"))
 
     @model_validator(mode="after")
@@ -172,7 +174,7 @@ class Activate(Strict):
 
 
 class Deactivate(Strict):
-    expected_revision: int | None = Field(None, ge=0, le=MAX_COUNTER)
+    expected_revision: int | None = Field(None, ge=0, le=MAX_JSON_INT)
 
 
 class TaskOut(BaseModel):
@@ -248,7 +250,7 @@ class Sampling(Strict):
                                description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=0, description="0 = off")
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=0, le=MAX_JSON_INT)
     stop: StopString | Annotated[list[StopString], Field(
         max_length=MAX_STOP_SEQUENCES_CAP)] | None = Field(None, description=(
             "stop sequences, matched on the decoded text; at most the server's "
@@ -358,6 +360,42 @@ class GenerateOut(BaseModel):
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+
+
+# --- stream chunks (the data of one server-sent event) ----------------------------------
+class GenerateChunk(BaseModel):
+    id: str
+    bogus: int
+    text: str
+    token_id: int | None
+    finish_reason: str | None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatDeltaChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: str | None
+
+
+class ChatChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatDeltaChoice]
 
 
 class ModelCard(BaseModel):

@@ -21,14 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from adapters.banks.bottleneck import Activation, activation, slot_meta
-from adapters.method import (
-    Method,
-    MethodConfig,
-    PositiveFraction,
-    Rank,
-    SlotData,
-    Tensors,
-)
+from adapters.method import Method, MethodConfig, PositiveFraction, Rank, SlotData, Tensors
 from adapters.registry import register
 from adapters.targets import TargetInfo
 

@@ -8,17 +8,26 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 
+from server.api.openapi import AUTHENTICATED, errors, multipart
 from server.auth import TenantName
-from server.schemas import HypernetList, HypernetOut
+from server.schemas import HypernetList, HypernetOut, HypernetParam, TaskParam, VersionParam
 from server.service import Service, get_service
 from server.uploads import only_fields, read_form, required_part
 
-router = APIRouter(prefix="/v1/hypernetworks")
+router = APIRouter(prefix="/v1/hypernetworks", responses=AUTHENTICATED)
 Svc = Annotated[Service, Depends(get_service)]
+HYPERNET_UPLOAD = multipart(
+    {"manifest": "the tessera hypernetwork manifest (JSON)",
+     "weights": "the weights as safetensors (pickle-based files are refused: 415)"},
+    description="a new immutable hypernetwork version")
+EMBEDDING_UPLOAD = multipart(
+    {"embedding": "a safetensors file holding one tensor [task_dim]"},
+    description="the task embedding")
 
 
-@router.post("/{name}", status_code=201)
-async def upload_hypernetwork(name: str, request: Request, tenant: TenantName,
+@router.post("/{name}", status_code=201, responses=errors(400, 409, 413, 415, 422),
+             openapi_extra=HYPERNET_UPLOAD)
+async def upload_hypernetwork(name: HypernetParam, request: Request, tenant: TenantName,
                               service: Svc) -> HypernetOut:
     """multipart ``manifest`` (tessera hypernetwork manifest JSON) + ``weights``."""
     form = await read_form(request, service.settings.max_upload_bytes)
@@ -36,15 +45,16 @@ async def list_hypernetworks(tenant: TenantName, service: Svc) -> HypernetList:
     return HypernetList(hypernetworks=await service.store.store.list_hypernets(tenant))
 
 
-@router.get("/{name}/versions/{version}")
-async def get_hypernetwork(name: str, version: int, tenant: TenantName,
+@router.get("/{name}/versions/{version}", responses=errors(400, 404, 422))
+async def get_hypernetwork(name: HypernetParam, version: VersionParam, tenant: TenantName,
                            service: Svc) -> HypernetOut:
     return HypernetOut.of(await service.store.store.get_hypernet(tenant, name, version))
 
 
-@router.post("/{name}/versions/{version}/tasks/{task}", status_code=201)
-async def register_task(name: str, version: int, task: str, request: Request,
-                        tenant: TenantName, service: Svc) -> HypernetOut:
+@router.post("/{name}/versions/{version}/tasks/{task}", status_code=201,
+             responses=errors(400, 404, 409, 413, 415, 422), openapi_extra=EMBEDDING_UPLOAD)
+async def register_task(name: HypernetParam, version: VersionParam, task: TaskParam,
+                        request: Request, tenant: TenantName, service: Svc) -> HypernetOut:
     """multipart ``embedding``: a safetensors file holding one tensor ``[task_dim]``."""
     form = await read_form(request, service.settings.max_upload_bytes)
     try:
@@ -56,8 +66,9 @@ async def register_task(name: str, version: int, task: str, request: Request,
                                                       embedding))
 
 
-@router.delete("/{name}/versions/{version}", status_code=204)
-async def delete_hypernetwork_version(name: str, version: int, tenant: TenantName,
-                                      service: Svc) -> Response:
+@router.delete("/{name}/versions/{version}", status_code=204,
+                responses=errors(400, 404, 409, 422))
+async def delete_hypernetwork_version(name: HypernetParam, version: VersionParam,
+                                      tenant: TenantName, service: Svc) -> Response:
     await service.store.store.delete_hypernet_version(tenant, name, version)
     return Response(status_code=204)

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from server.api.openapi import AUTHENTICATED, errors, event_stream
 from server.auth import TenantName
 from server.errors import ClientGone, QueueFullError
 from server.http_errors import describe
@@ -20,18 +21,26 @@ from server.metrics import Metrics
 from server.requests import RequestHandle, TokenEvent, collect
 from server.sampling import SamplingParams
 from server.schemas import (
+    ChatChunk,
+    ChatCompletionOut,
     ChatIn,
+    CompletionChunk,
     CompletionIn,
+    CompletionOut,
+    GenerateChunk,
     GenerateIn,
     GenerateOut,
     ModelCard,
     ModelList,
     Sampling,
+    TaskParam,
 )
 from server.service import Service, get_service
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=AUTHENTICATED)
 Svc = Annotated[Service, Depends(get_service)]
+# bad input, unknown task, over the context, queue full (Retry-After)
+INFERENCE_ERRORS = errors(400, 404, 413, 422, 429)
 Chunk = Callable[[TokenEvent | None], dict[str, Any]]
 
 
@@ -175,8 +184,9 @@ def _usage(last: TokenEvent) -> dict[str, int]:
             "total_tokens": last.prompt_tokens + last.completion_tokens}
 
 
-@router.post("/tasks/{task}/generate", response_model=None)
-async def generate(task: str, body: GenerateIn, tenant: TenantName, service: Svc,
+@router.post("/tasks/{task}/generate", response_model=None, responses={
+    **event_stream(GenerateOut, GenerateChunk, "the generated text"), **INFERENCE_ERRORS})
+async def generate(task: TaskParam, body: GenerateIn, tenant: TenantName, service: Svc,
                    request: Request) -> Any:
     rid = f"gen-{uuid.uuid4().hex}"
     messages = [m.model_dump(include={"role", "content"}) for m in body.messages or []]
@@ -197,7 +207,8 @@ async def generate(task: str, body: GenerateIn, tenant: TenantName, service: Svc
                          chunk=chunk, whole=whole)
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, responses={
+    **event_stream(CompletionOut, CompletionChunk, "the completion"), **INFERENCE_ERRORS})
 async def completions(body: CompletionIn, tenant: TenantName, service: Svc,
                       request: Request) -> Any:
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -220,7 +231,8 @@ async def completions(body: CompletionIn, tenant: TenantName, service: Svc,
                          messages=None, chunk=chunk, whole=whole)
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, responses={
+    **event_stream(ChatCompletionOut, ChatChunk, "the chat completion"), **INFERENCE_ERRORS})
 async def chat_completions(body: ChatIn, tenant: TenantName, service: Svc,
                            request: Request) -> Any:
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

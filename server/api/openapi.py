@@ -75,11 +75,42 @@ AUTHENTICATED = errors(401, 403, 503)
 UPLOAD = errors(400, 409, 413, 415, 422)
 
 
-def event_stream(model: type[BaseModel], description: str) -> Responses:
-    """The 200 of an inference route: ``model`` as JSON, or SSE with ``stream: true``."""
-    return {200: {"model": model, "description": description, "content": {
-        "text/event-stream": {"schema": {"type": "string"}, "description": (
-            "with stream: true: 'data: <chunk JSON>' events, then 'data: [DONE]'")}}}}
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` substituted in (for schemas written into
+    a response by hand, where ``#/$defs/...`` would not resolve)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
+def event_stream(model: type[BaseModel], chunk: type[BaseModel], description: str
+                 ) -> Responses:
+    """The 200 of an inference route: ``model`` as JSON, or with ``stream: true`` server-sent
+    events whose data is a ``chunk``, an error (a failure after the first byte), or the
+    final ``[DONE]``. (OpenAPI 3.1 has no ``itemSchema``: an event stream's ``schema``
+    describes one event, as OpenAPI 3.2 readers and Schemathesis take it.)"""
+    data = {"anyOf": [
+        {"const": "[DONE]"},
+        {"type": "string", "not": {"const": "[DONE]"}, "contentMediaType": "application/json",
+         "contentSchema": {"anyOf": [inline_schema(chunk), inline_schema(ErrorBody)]}}]}
+    event = {"type": "object", "required": ["data"], "description": (
+        "with stream: true: one event per generated piece, then 'data: [DONE]'"),
+        "properties": {"data": data, "event": {"type": "string"},
+                       "id": {"type": "string"}, "retry": {"type": "integer"}}}
+    return {200: {"model": model, "description": description,
+                  "content": {"text/event-stream": {"schema": event}}}}
 
 
 def _binary(description: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from server.api.openapi import errors
 from server.http_errors import error_body
 from server.service import Service, get_service
 
@@ -26,7 +27,7 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-@router.get("/readyz", response_model=None)
+@router.get("/readyz", response_model=None, responses=errors(503))
 async def readyz(service: Annotated[Service, Depends(get_service)]
                  ) -> dict[str, Any] | JSONResponse:
     """Ready = the model is loaded and the engine loop beats; answered from memory (no

@@ -126,7 +126,8 @@ class Server:
 
 
 @pytest.fixture
-def server(builtin_dir: Path) -> Iterator[Server]:
+def server(builtin_dir: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    drain = str(getattr(request, "param", 20))  # --drain-timeout, seconds
     # short path: the embedded redis listens on <data_dir>/redis.sock (108-byte limit)
     root = Path(tempfile.mkdtemp(prefix="tcli", dir="/tmp"))
     port = free_port()
@@ -137,7 +138,7 @@ def server(builtin_dir: Path) -> Iterator[Server]:
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--port", str(port),
-             "--num-slots", "2", "--drain-timeout", "20"],
+             "--num-slots", "2", "--drain-timeout", drain],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     served = Server(process, f"http://127.0.0.1:{port}", root / "redis", log)
     try:
@@ -216,6 +217,31 @@ def test_serve_admin_and_sigterm_drain(server: Server, ref_base: nn.Module, tmp_
     assert processes_mentioning(str(server.data_dir)) == []  # the redis-server is gone
     with pytest.raises(OSError):  # and nothing listens any more
         urllib.request.urlopen(server.url + "/healthz", timeout=1)
+
+
+@pytest.mark.parametrize("server", [1], indirect=True)
+def test_sigterm_ends_streams_longer_than_the_drain_with_shutdown(server: Server) -> None:
+    """A 1 s drain and a 2,000-token stream: the stream is not cut; its last chunk
+    carries finish reason "shutdown", then [DONE]; the process exits 0."""
+    created = json.loads(urllib.request.urlopen(urllib.request.Request(
+        server.url + "/v1/tenants", data=json.dumps({"name": "acme"}).encode(),
+        headers={"Authorization": "Bearer admin-key", "Content-Type": "application/json"}),
+        timeout=30).read())
+    body = json.dumps({"model": "base", "prompt": "hello", "max_tokens": 2000,
+                       "temperature": 0, "ignore_eos": True, "stream": True}).encode()
+    request = urllib.request.Request(server.url + "/v1/completions", data=body, headers={
+        "Authorization": f"Bearer {created['api_key']}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        first = response.readline()
+        assert first.startswith(b"data: "), first
+        server.process.send_signal(signal.SIGTERM)
+        rest = response.read().decode()
+    lines = [line for line in [first.decode(), *rest.splitlines()] if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    last = json.loads(lines[-2][6:])
+    assert last["choices"][0]["finish_reason"] == "shutdown", last
+    assert len(lines) - 1 < 2000  # it really was cut short by the drain
+    assert server.process.wait(timeout=40) == 0, server.log.read_text()
 
 
 def test_scripts_serve() -> None:
