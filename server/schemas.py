@@ -365,7 +365,6 @@ class GenerateOut(BaseModel):
 # --- stream chunks (the data of one server-sent event) ----------------------------------
 class GenerateChunk(BaseModel):
     id: str
-    bogus: int
     text: str
     token_id: int | None
     finish_reason: str | None

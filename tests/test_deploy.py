@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from server.app import create_app
+from server.runner import FLUSH_GRACE_S
 from server.server_settings import ServerSettings
 from server.settings import EngineSettings
 from store.settings import StoreSettings
@@ -72,12 +73,14 @@ def test_deployment_probes_gpu_and_drain() -> None:
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["args"][0] == "serve" and "8000" in container["args"]
     assert port_names["http"] == 8000
-    # SIGTERM drain: the grace period covers preStop + HTTP drain + engine drain
+    # SIGTERM drain: the grace period covers preStop + engine drain + the flush grace
     config = load("configmap.yaml")[0]["data"]
     drain = float(config["TESSERA_DRAIN_TIMEOUT_S"])
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + 2 * drain
+    assert pod["terminationGracePeriodSeconds"] > (float(pre_stop[1]) + drain
+                                                   + FLUSH_GRACE_S)
+    assert config["TESSERA_API_DOCS"] == "false"  # no interactive docs in production
     annotations = spec["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/path"] == "/metrics"
     assert annotations["prometheus.io/port"] == str(port_names["http"])
