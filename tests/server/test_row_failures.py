@@ -6,6 +6,7 @@ surviving row equals the independent reference."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -84,22 +85,29 @@ async def test_a_detokenizer_failure_mid_stream_fails_that_row(
         assert (await handle.result()).token_ids == reference.greedy(None, prompt, 8)
 
 
+def fail_decodes(monkeypatch: pytest.MonkeyPatch, model: Any, message: str,
+                 fail: Callable[[], bool]) -> list[int]:
+    """Fault injection: decode forwards (one token per row) raise ``message`` while
+    ``fail()`` says so; returns the running count of injected failures."""
+    real, count = model.forward, [0]
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] == 1 and fail():
+            count[0] += 1
+            raise RuntimeError(message)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    return count
+
+
 async def test_a_failed_decode_forward_is_retried_once(
         make_engine: EngineFactory, reference: Reference,
         monkeypatch: pytest.MonkeyPatch) -> None:
     engine = await make_engine()
-    model = engine.base.model
-    real = model.forward
-    failures = [0]
-
-    def flaky(*args: Any, **kwargs: Any) -> Any:
-        ids = kwargs.get("input_ids")
-        if ids is not None and ids.shape[1] == 1 and failures[0] == 0:  # first decode
-            failures[0] += 1
-            raise RuntimeError("CUDA out of memory (injected)")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", flaky)
+    failures = fail_decodes(monkeypatch, engine.base.model, "CUDA out of memory (injected)",
+                            lambda: failures[0] == 0)  # the first decode only
     handles = [engine.submit(GenerationRequest(prompt=p, sampling=GREEDY)) for p in PROMPTS[:3]]
     results = await asyncio.gather(*(h.result() for h in handles))
     assert failures[0] == 1
@@ -111,17 +119,8 @@ async def test_a_decode_forward_that_keeps_failing_fails_its_rows_only(
         make_engine: EngineFactory, reference: Reference,
         monkeypatch: pytest.MonkeyPatch) -> None:
     engine = await make_engine()
-    model = engine.base.model
-    real = model.forward
     broken = [True]
-
-    def failing(*args: Any, **kwargs: Any) -> Any:
-        ids = kwargs.get("input_ids")
-        if broken[0] and ids is not None and ids.shape[1] == 1:
-            raise RuntimeError("device lost (injected)")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", failing)
+    fail_decodes(monkeypatch, engine.base.model, "device lost (injected)", lambda: broken[0])
     handles = [engine.submit(GenerationRequest(prompt=p, sampling=GREEDY)) for p in PROMPTS[:2]]
     for handle in handles:
         with pytest.raises(StepError, match="device lost"):
