@@ -68,6 +68,8 @@ async def test_killed_embedded_redis_is_restarted_and_admin_calls_work_again(
             if r.status_code == 201:
                 break
             assert r.status_code == 503, r.text                 # dependency down, not a 500
+            ready = await client.get("/readyz")                 # readiness does not need it
+            assert ready.status_code == 200, ready.text
             assert time.monotonic() - killed_at < 15, statuses
             await asyncio.sleep(0.1)
         assert statuses[0] == 503, statuses                     # the outage was real ...
