@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from server import http_errors
-from server.api import hyper, infer, manage, ops
+from server.api import hyper, infer, manage, openapi, ops
 from server.engine import Engine
 from server.limits import BodyLimit
 from server.metrics import Metrics
@@ -71,4 +71,5 @@ def create_app(settings: ServerSettings, *, engine: Engine | None = None,
     app.include_router(manage.router)
     app.include_router(hyper.router)
     app.include_router(infer.router)
+    openapi.document_limits(app, settings.engine)  # the configured limits, in the schema
     return app

@@ -171,8 +171,13 @@ def _pick(errors: Sequence[Any]) -> tuple[int, str, dict[str, Any]]:
     for error in errors:
         if tuple(error.get("loc", ()))[:1] == ("path",):
             return 400, "invalid_request", error
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    return 422, "invalid_request", first
+    if not errors:
+        return 422, "invalid_request", {"loc": (), "msg": "invalid request"}
+    # a union (str | list[int]) fails once per member: the deepest error of the first field
+    # names what went wrong ("prompt.1: not an integer", not "prompt: not a string")
+    field = tuple(errors[0].get("loc", ()))[:2]
+    same = [e for e in errors if tuple(e.get("loc", ()))[:2] == field]
+    return 422, "invalid_request", max(same, key=lambda e: len(e.get("loc", ())))
 
 
 def install(app: FastAPI) -> None:

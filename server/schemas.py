@@ -96,6 +96,20 @@ def _without_null(schema: dict[str, Any]) -> None:
         del schema["default"]
 
 
+def _integral(value: Any) -> Any:
+    """JSON Schema's integer: ``2.0`` is one (an encoder may write an integer so); a string
+    or a boolean still is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Request integers: strict (no "1", no true) but integral floats, as JSON Schema reads them.
+# Bounds go inside (before the validator), so that they stay minimum / maximum in the schema.
+Integral = BeforeValidator(_integral)
+Version = Annotated[int, Field(ge=1, le=MAX_JSON_INT), Integral]
+Natural = Annotated[int, Field(ge=0, le=MAX_JSON_INT), Integral]
+
 T = TypeVar("T")
 # An optional field that is omitted, never sent as null (its JSON schema has no null), so
 # that "exactly one of" (oneOf + required) says exactly what the server enforces.
@@ -160,8 +174,8 @@ class Activate(Strict):
     adapter: Omittable[AdapterName] = None
     hypernetwork: Omittable[HypernetName] = None
     hyper_task: Omittable[TaskName] = None
-    version: int = Field(ge=1, le=MAX_JSON_INT)
-    expected_revision: int | None = Field(None, ge=0, le=MAX_JSON_INT, description=(
+    version: Version
+    expected_revision: Natural | None = Field(None, description=(
         "bind only if the task's revision is still this one (409 otherwise)"))
 
     @model_validator(mode="after")
@@ -174,7 +188,7 @@ class Activate(Strict):
 
 
 class Deactivate(Strict):
-    expected_revision: int | None = Field(None, ge=0, le=MAX_JSON_INT)
+    expected_revision: Natural | None = None
 
 
 class TaskOut(BaseModel):
@@ -228,13 +242,14 @@ class TaskList(BaseModel):
 # Static ceilings, enforced here (422); the engine's configured limits apply on top of them
 # (EngineSettings.max_tokens_limit, max_stop_sequences, max_stop_length; defaults 4096, 8,
 # 128), answered 400 naming the limit, as is prompt + max_tokens over the context. The
-# configured limits are not in the schema: a static model cannot know them.
+# OpenAPI document states the tighter of the two (server.api.openapi.document_limits).
 MAX_TOKENS_CAP = 1 << 20
 MAX_STOP_SEQUENCES_CAP = 64
 MAX_STOP_LENGTH_CAP = 1024
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH_CAP)]
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0), Integral]
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_CAP), Integral]
 TextPrompt = Annotated[str, Field(min_length=1, description="text, tokenized with BOS")]
 TokenPrompt = Annotated[list[TokenId], Field(min_length=1, description=(
     "token ids, each in [0, vocabulary size); 400 for one outside it"))]
@@ -242,15 +257,15 @@ Prompt = TextPrompt | TokenPrompt
 
 
 class Sampling(Strict):
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP, description=(
+    max_tokens: MaxTokens | None = Field(None, description=(
         "tokens to generate (null = the server's default_max_tokens); at most the server's "
         "max_tokens_limit (default 4096), and prompt + max_tokens at most the context: 400 "
         "naming the numbers otherwise"))
     temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False,
                                description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int = Field(0, ge=0, description="0 = off")
-    seed: int | None = Field(None, ge=0, le=MAX_JSON_INT)
+    top_k: Annotated[int, Field(ge=0), Integral] = Field(0, description="0 = off")
+    seed: Natural | None = None
     stop: StopString | Annotated[list[StopString], Field(
         max_length=MAX_STOP_SEQUENCES_CAP)] | None = Field(None, description=(
             "stop sequences, matched on the decoded text; at most the server's "
@@ -294,14 +309,16 @@ class GenerateIn(Sampling):
 
 class CompletionIn(Sampling):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
-    model: str = Field(min_length=1, description="task name, or the base model's alias")
+    model: str = Field(min_length=1, description=(
+        "task name (the name rule: 400 invalid_name otherwise), or the base model's alias"))
     prompt: Prompt
     user: str | None = None
 
 
 class ChatIn(Sampling):
     model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1, description="task name, or the base model's alias")
+    model: str = Field(min_length=1, description=(
+        "task name (the name rule: 400 invalid_name otherwise), or the base model's alias"))
     messages: Messages
     user: str | None = None
 

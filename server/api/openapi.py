@@ -1,18 +1,23 @@
 """What the OpenAPI document declares beyond the route signatures: the error responses
-(one body shape, :func:`server.http_errors.error_body`) and the multipart request bodies of
-the upload routes, which read their form by hand (:mod:`server.uploads`).
+(one body shape, :func:`server.http_errors.error_body`), the multipart request bodies of
+the upload routes, which read their form by hand (:mod:`server.uploads`), the event streams
+of the inference routes, and the configured generation limits (:func:`document_limits`).
 
 Routers attach the codes every one of their routes can answer (``APIRouter(responses=
-errors(...))``); a route adds its own on its decorator. FastAPI's default 422 body
-(``{"detail": [...]}``) is never declared: :func:`errors` always replaces it.
+AUTHENTICATED)``); a route adds its own on its decorator. Every route with parameters or a
+body declares its 422 with the error body, which keeps FastAPI's default 422
+(``{"detail": [...]}``, a shape this server never answers) out of the document.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from fastapi import FastAPI
 from pydantic import BaseModel, Field
 from pydantic.json_schema import SkipJsonSchema
+
+from server.settings import EngineSettings
 
 
 class ErrorDetail(BaseModel):
@@ -46,8 +51,8 @@ _ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
     404: ("Unknown, or owned by another tenant (the two are indistinguishable)", {}),
     409: ("Conflict: the name already exists, a compare-and-set lost "
           "(expected_revision), or a task is still bound to the version", {}),
-    413: ("The upload exceeds the server's limit (refused before it is buffered whole)",
-          {}),
+    413: ("The request body exceeds the server's limit (max_upload_bytes for uploads, "
+          "max_request_bytes otherwise; refused before it is buffered whole)", {}),
     415: ("Not multipart/form-data, or a pickle-based / non-safetensors weights file "
           "(nothing was loaded)", {}),
     422: ("A field fails validation (type, bound, required), or the adapter is invalid "
@@ -71,8 +76,6 @@ def errors(*codes: int) -> Responses:
 
 # every route behind a bearer key: bad key, wrong kind of key, Redis down (the key lookup)
 AUTHENTICATED = errors(401, 403, 503)
-# every upload: body limits and formats on top of bad input and invalid adapters
-UPLOAD = errors(400, 409, 413, 415, 422)
 
 
 def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -127,3 +130,46 @@ def multipart(*alternatives: dict[str, str], description: str) -> dict[str, Any]
     schema = schemas[0] if len(schemas) == 1 else {"oneOf": schemas}
     return {"requestBody": {"required": True, "description": description,
                             "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+# --- configured limits ------------------------------------------------------------------
+def document_limits(app: FastAPI, engine: EngineSettings) -> None:
+    """Write the engine's configured limits into ``app``'s OpenAPI document: the request
+    models carry static ceilings only (``server.schemas.MAX_TOKENS_CAP`` and the stop
+    caps, enforced with 422), the engine enforces ``max_tokens_limit``,
+    ``max_stop_sequences`` and ``max_stop_length`` (400); the schema then states the
+    tighter of the two. Idempotent; call it once where the app is built."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        for component in schema.get("components", {}).get("schemas", {}).values():
+            properties = component.get("properties", {})
+            if "max_tokens" in properties:
+                _cap(properties["max_tokens"], "integer", "maximum", engine.max_tokens_limit)
+            if "stop" in properties:
+                _cap_stop(properties["stop"], engine)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _variants(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    variants: list[dict[str, Any]] = schema.get("anyOf", [schema])
+    return variants
+
+
+def _cap(schema: dict[str, Any], type_: str, keyword: str, limit: int) -> None:
+    for variant in _variants(schema):
+        if variant.get("type") == type_:
+            variant[keyword] = min(variant.get(keyword, limit), limit)
+
+
+def _cap_stop(schema: dict[str, Any], engine: EngineSettings) -> None:
+    if engine.max_stop_sequences == 0 and "anyOf" in schema:  # not even one string
+        schema["anyOf"] = [v for v in schema["anyOf"] if v.get("type") != "string"]
+    _cap(schema, "string", "maxLength", engine.max_stop_length)
+    _cap(schema, "array", "maxItems", engine.max_stop_sequences)
+    for variant in _variants(schema):
+        if variant.get("type") == "array" and isinstance(variant.get("items"), dict):
+            _cap(variant["items"], "string", "maxLength", engine.max_stop_length)

@@ -37,7 +37,7 @@ from tests.http.test_errors import lora_files
 from tests.live import LiveServer
 
 # per operation and phase; TESSERA_SCHEMATHESIS_EXAMPLES=500 for a deeper run by hand
-EXAMPLES = int(os.environ.get("TESSERA_SCHEMATHESIS_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("TESSERA_SCHEMATHESIS_EXAMPLES", "60"))
 MAX_TOKENS = 8
 CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance",
           "response_headers_conformance", "response_schema_conformance",
@@ -55,8 +55,8 @@ def server(redis_server: EmbeddedRedis, builtin_dir: Path,
     """``(url, tenant key)``: a tenant with one adapter bound to a task."""
     limits = {"max_tokens_limit": MAX_TOKENS, "default_max_tokens": MAX_TOKENS,
               "context_limit": 64}
-    with LiveServer(server_settings(redis_server, builtin_dir, **limits)) as live, \
-            httpx.Client(base_url=live.url, timeout=60) as client:
+    settings = server_settings(redis_server, builtin_dir, **limits)
+    with LiveServer(settings) as live, httpx.Client(base_url=live.url, timeout=60) as client:
         r = client.post("/v1/tenants", json={"name": TENANT},
                         headers={"Authorization": f"Bearer {ADMIN_KEY}"})
         assert r.status_code == 201, r.text
