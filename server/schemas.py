@@ -25,13 +25,13 @@ from pydantic_core import PydanticCustomError
 
 from store.errors import InvalidNameError
 from store.models import AdapterVersion, Binding, HypernetVersion
-from store.names import _NAME, MAX_NAME_LENGTH, check_name
+from store.names import MAX_NAME_LENGTH, NAME_RE, check_name
 
 # --- names ------------------------------------------------------------------------------
 # The schema's pattern is store.names' regex, anchored, with check_name's "no '..'" rule as
 # a lookahead; validation is check_name itself (so its message, answered 400 invalid_name
 # by server.http_errors for a body field and a path parameter alike).
-NAME_PATTERN = rf"^(?!.*\.\.)(?:{_NAME.pattern})$"
+NAME_PATTERN = rf"^(?!.*\.\.)(?:{NAME_RE.pattern})$"
 NAME_SCHEMA: dict[str, Any] = {"pattern": NAME_PATTERN, "minLength": 1,
                                "maxLength": MAX_NAME_LENGTH}
 NAME_ERROR = "invalid_name"  # the validation error type server.http_errors answers 400

@@ -13,7 +13,7 @@ import re
 from store.errors import InvalidNameError
 
 MAX_NAME_LENGTH = 64
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def check_name(value: str, what: str = "name") -> str:
@@ -23,7 +23,7 @@ def check_name(value: str, what: str = "name") -> str:
     if len(value) > MAX_NAME_LENGTH:
         raise InvalidNameError(f"{what} is {len(value)} characters long; the limit is "
                                f"{MAX_NAME_LENGTH}")
-    if _NAME.fullmatch(value) is None or ".." in value:
+    if NAME_RE.fullmatch(value) is None or ".." in value:
         raise InvalidNameError(
             f"{what} {value[:80]!r} is not allowed: use letters, digits, '.', '_' and '-', "
             "starting with a letter or digit, without '..'")
