@@ -45,7 +45,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from adapters import artifact
-from server import builtin
+from engine import builtin
 from tests.factories import FACTORIES
 from tests.live import (
     HermeticServerSettings,

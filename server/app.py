@@ -3,7 +3,7 @@
 The lifespan opens the store (:func:`store.open.open_store`: an embedded redis-server when
 no URL is configured) and starts the engine, and on shutdown drains the engine, then closes
 the store. An ``engine`` or ``store`` passed in belongs to the caller: it must already be
-started and is not stopped here. ``app.state.engine`` (:class:`server.engine.Engine`),
+started and is not stopped here. ``app.state.engine`` (:class:`engine.core.Engine`),
 ``app.state.store`` (:class:`store.resilient.CachedStore`) and ``app.state.service`` are
 set while the app runs (metrics read stats from them).
 """
@@ -17,9 +17,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from engine.core import Engine
 from server import http_errors
 from server.api import hyper, infer, manage, openapi, ops
-from server.engine import Engine
 from server.limits import BodyLimit
 from server.metrics import Metrics
 from server.server_settings import ServerSettings

@@ -38,8 +38,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from engine.settings import EngineSettings
 from server.server_settings import ServerSettings
-from server.settings import EngineSettings
 from store.settings import StoreSettings
 
 log = logging.getLogger("tessera.cli")

@@ -27,9 +27,8 @@ from adapters.errors import (
     UnsafeFormatError,
     UnsupportedAdapterError,
 )
-from server.errors import (
+from engine.errors import (
     AdapterLoadError,
-    ClientGone,
     ContextLengthError,
     EngineError,
     EngineStoppedError,
@@ -38,7 +37,7 @@ from server.errors import (
     RowError,
     StepError,
 )
-from server.errors import RequestValidationError as EngineRequestError
+from engine.errors import RequestValidationError as EngineRequestError
 from server.schemas import NAME_ERROR
 from store.errors import (
     ConflictError,
@@ -74,6 +73,13 @@ def not_found(message: str) -> ApiError:
     return ApiError(404, "not_found", message)
 
 
+def client_gone() -> ApiError:
+    """The client disconnected before its non-streaming answer was ready; the request was
+    cancelled. Nobody reads this response (499: nginx's "client closed request")."""
+    return ApiError(499, "client_closed_request",
+                    "the client closed the connection; the request was cancelled")
+
+
 # class -> (status, type); the first matching entry wins (subclasses before bases)
 _STATUS: tuple[tuple[type[BaseException], int, str], ...] = (
     (InvalidNameError, 400, "invalid_name"),
@@ -93,7 +99,6 @@ _STATUS: tuple[tuple[type[BaseException], int, str], ...] = (
     (PromptTooLargeError, 400, "context_length_exceeded"),
     (EngineRequestError, 400, "invalid_request"),
     (QueueFullError, 429, "queue_full"),
-    (ClientGone, 499, "client_closed_request"),
     (EngineStoppedError, 503, "unavailable"),
     (RowError, 500, "generation_failed"),
     (StepError, 503, "step_failed"),

@@ -7,7 +7,7 @@ Two kinds of series:
   token (:meth:`Metrics.observe_first_token`), an adapter loaded from a tier
   (:meth:`Metrics.observe_adapter_load`), a HyperLoader generation
   (:meth:`Metrics.observe_generation`), and each forward step (:meth:`Metrics.on_step`,
-  appended to ``engine.scheduler.on_step``: batch size, distinct adapters, merged rows).
+  subscribed with ``engine.subscribe``: batch size, distinct adapters, merged rows).
 - *State* read at scrape time by a collector (:meth:`Metrics.bind_engine`,
   :meth:`Metrics.bind_host_cache`, :meth:`Metrics.bind_store`): queue depth, running rows,
   slot-pool and host-cache hits / misses / evictions, the embedded redis-server's up state
@@ -36,9 +36,9 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters import registry
-from server.engine import Engine, EngineStats
-from server.errors import EngineStoppedError
-from server.scheduler import StepReport
+from engine.core import Engine, EngineStats
+from engine.errors import EngineStoppedError
+from engine.scheduler import StepReport
 from store.cache import CacheStats
 from store.embedded import EmbeddedStats
 
@@ -171,7 +171,7 @@ class Metrics:
         """Bind a started engine: its stats at scrape time and its step hook. Call once,
         in the app's lifespan after ``await engine.start()``."""
         self.bind_engine(engine.stats, engine.method_of)
-        engine.scheduler.on_step.append(self.on_step)
+        engine.subscribe(self.on_step)
 
     def bind_host_cache(self, stats: Callable[[], CacheStats]) -> None:
         self._state.cache = stats
@@ -214,7 +214,7 @@ class Metrics:
         self.generations.labels("ok" if ok else "error").inc()
 
     def on_step(self, report: StepReport) -> None:
-        """``engine.scheduler.on_step.append(metrics.on_step)``: runs once per forward."""
+        """``engine.subscribe(metrics.on_step)``: runs once per forward."""
         self.batch_rows.observe(len(report.adapters))
         self.batch_adapters.observe(report.distinct_adapters)
         flags = report.merged or tuple(k is not None and self._is_merged(k)

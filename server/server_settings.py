@@ -7,7 +7,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.settings import EngineSettings
+from engine.settings import EngineSettings
 from store.settings import StoreSettings
 
 

@@ -20,16 +20,14 @@ from typing import Any
 from fastapi import Request
 from prometheus_client import CollectorRegistry
 
-from adapters.errors import PoolError
 from adapters.method import Adapter
-from adapters.validation import validate_component
-from server.engine import Engine
-from server.errors import EngineStoppedError
+from engine.core import Engine
+from engine.errors import EngineStoppedError
+from engine.requests import AdapterSpec, GenerationRequest, RequestHandle
+from engine.sampling import SamplingParams
 from server.http_errors import not_found
 from server.hyperloader import HyperLoaderService
 from server.metrics import LoadSource, Metrics
-from server.requests import AdapterSpec, GenerationRequest, RequestHandle
-from server.sampling import SamplingParams
 from server.schemas import Activate
 from server.server_settings import ServerSettings
 from server.uploads import DecodedAdapter, Upload, decode, decoded
@@ -84,12 +82,7 @@ class Service:
         load would: a finite upload whose lowered tensors overflow is refused here (422),
         not on first use."""
         adapter = upload.decode()
-        pool = self.engine.slots.pool
-        for component in adapter.components:
-            if component.method not in pool.methods:
-                raise PoolError(f"method {component.method!r} is not enabled on this server")
-            validate_component(component, pool.targets, pool.limits)
-        pool.lower(adapter)  # checks every lowered tensor; the slot data is dropped
+        self.engine.check_adapter(adapter)
         return adapter
 
     async def upload(self, tenant: str, name: str, upload: Upload) -> AdapterVersion:

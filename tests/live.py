@@ -8,10 +8,10 @@ import time
 
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from engine.settings import EngineSettings
 from server.app import create_app
 from server.runner import TesseraServer
 from server.server_settings import ServerSettings
-from server.settings import EngineSettings
 from store.embedded import free_port
 from store.settings import StoreSettings
 

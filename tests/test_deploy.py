@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
+from engine.settings import EngineSettings
 from server.app import create_app
 from server.runner import FLUSH_GRACE_S
 from server.server_settings import ServerSettings
-from server.settings import EngineSettings
 from store.settings import StoreSettings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,13 +13,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from engine.errors import QueueFullError
+from engine.requests import RequestHandle, TokenEvent, collect
+from engine.sampling import SamplingParams
 from server.api.openapi import AUTHENTICATED, errors, event_stream
 from server.auth import TenantName
-from server.errors import ClientGone, QueueFullError
-from server.http_errors import describe
+from server.http_errors import client_gone, describe
 from server.metrics import Metrics
-from server.requests import RequestHandle, TokenEvent, collect
-from server.sampling import SamplingParams
 from server.schemas import (
     ChatChunk,
     ChatCompletionOut,
@@ -158,7 +158,7 @@ async def _collect_unless_gone(request: Request, handle: RequestHandle,
             handle.cancel()  # the row leaves the batch before the next step
             work.cancel()
     if not work.done() or work.cancelled():
-        raise ClientGone()
+        raise client_gone()
     return work.result()
 
 

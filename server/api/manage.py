@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 
+from engine.requests import AdapterSpec
 from server.api.openapi import AUTHENTICATED, errors, multipart
 from server.auth import Admin, TenantName
 from server.http_errors import ApiError
-from server.requests import AdapterSpec
 from server.schemas import (
     Activate,
     AdapterList,

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field
 from pydantic.json_schema import SkipJsonSchema
 
-from server.settings import EngineSettings
+from engine.settings import EngineSettings
 
 
 class ErrorDetail(BaseModel):

@@ -15,13 +15,13 @@ import pytest
 from server.server_settings import ServerSettings
 from store.embedded import EmbeddedRedis
 from store.settings import StoreSettings
-from tests.live import HermeticServerSettings, HermeticSettings, LiveServer
-from tests.server.conftest import (  # noqa: F401  (fixtures)
+from tests.engine.conftest import (  # noqa: F401  (fixtures)
     builtin_dir,
     ref_base,
     ref_tokenizer,
     reference,
 )
+from tests.live import HermeticServerSettings, HermeticSettings, LiveServer
 from tests.store.conftest import redis_server  # noqa: F401  (fixture)
 
 ADMIN_KEY = "admin-" + "k" * 32

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from adapters import artifact
+from tests.engine.conftest import Reference
 from tests.factories import FACTORIES
 from tests.http.conftest import Api
 from tests.http.test_inference import N, generate
-from tests.server.conftest import Reference
 
 CLIENTS = 6
 PROMPT = "The quick brown fox"

@@ -19,10 +19,10 @@ from torch import nn
 
 from adapters import Adapter, Component, artifact
 from store.embedded import EmbeddedRedis
+from tests.engine.conftest import Reference
 from tests.factories import FACTORIES
 from tests.http.conftest import Api, LiveServer, server_settings
 from tests.http.test_inference import make_peft_folder
-from tests.server.conftest import Reference
 from tests.server.test_uploads import GIB, gzip_then_zeros, tar_member
 
 B_PROMPTS = ("hello world", "The quick brown fox", "x = 1\ny = 2", "héllo 世界")

@@ -22,9 +22,9 @@ from torch import nn
 
 from adapters import artifact
 from store.embedded import EmbeddedRedis, free_port
+from tests.engine.conftest import Reference
 from tests.factories import FACTORIES
 from tests.http.conftest import Api, LiveServer, server_settings, wait_idle
-from tests.server.conftest import Reference
 
 CONTEXT = 2048
 

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from adapters import artifact
+from tests.engine.conftest import Reference
 from tests.factories import FACTORIES
 from tests.http.conftest import Api, admin
 from tests.http.test_inference import expect, generate
-from tests.server.conftest import Reference
 
 
 async def test_admin_pin_serves_merged_rows_with_reference_tokens(

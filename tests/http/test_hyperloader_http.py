@@ -20,11 +20,11 @@ from adapters.methods.hyperloader import HYPERLOADER
 from adapters.safeio import write_safetensors
 from server.service import Service, decoded_size
 from store.open import open_store
+from tests.engine.conftest import Reference
 from tests.factories import randn
 from tests.factories.hyperloader import make_hypernetwork
 from tests.http.conftest import Api, LiveServer
 from tests.http.test_inference import expect, generate
-from tests.server.conftest import Reference
 
 PROMPTS = ("hello world", "a", "The quick brown fox jumps", "Once upon a time")
 

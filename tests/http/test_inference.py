@@ -17,9 +17,9 @@ from torch import nn
 from adapters import artifact
 from adapters.peft_io import load_peft_dir
 from adapters.reference import base_copy
+from tests.engine.conftest import Reference
 from tests.factories import FACTORIES
 from tests.http.conftest import Api
-from tests.server.conftest import Reference
 
 N = 8
 

@@ -15,10 +15,10 @@ from torch import nn
 
 from adapters import artifact
 from store.embedded import EmbeddedRedis
+from tests.engine.conftest import Reference
 from tests.factories import FACTORIES
 from tests.http.conftest import Api, LiveServer, server_settings
 from tests.http.test_inference import expect, generate
-from tests.server.conftest import Reference
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters import Adapter
-from server.engine import Engine
+from engine.core import Engine
+from engine.requests import GenerationRequest
+from engine.scheduler import StepReport
 from server.metrics import Metrics, MetricsSettings, TenantLabels, method_label
-from server.requests import GenerationRequest
-from server.scheduler import StepReport
 from store.cache import HostCache
 from store.embedded import EmbeddedStats
-from tests.server.conftest import GREEDY, EngineFactory, HermeticSettings, spec
+from tests.engine.conftest import GREEDY, EngineFactory, HermeticSettings, spec
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -10,23 +10,23 @@ import pytest
 import torch
 
 from adapters import Adapter, AdapterValidationError, Component
-from server.errors import (
+from engine.errors import (
     AdapterLoadError,
     ContextLengthError,
     EngineStoppedError,
     RequestValidationError,
 )
-from server.requests import AdapterSpec, GenerationRequest
-from server.sampling import SamplingParams
-from server.scheduler import StepReport
-from tests.server.conftest import GREEDY, METHODS, PROMPTS, EngineFactory, Reference, spec
+from engine.requests import AdapterSpec, GenerationRequest
+from engine.sampling import SamplingParams
+from engine.scheduler import StepReport
+from tests.engine.conftest import GREEDY, METHODS, PROMPTS, EngineFactory, Reference, spec
 
 
 async def test_mixed_batch_every_method_matches_reference(
         make_engine: EngineFactory, adapters: dict[str, Adapter], reference: Reference) -> None:
     engine = await make_engine(num_slots=8)
     reports: list[StepReport] = []
-    engine.scheduler.on_step.append(reports.append)
+    engine.subscribe(reports.append)
     threads: set[str] = set()
     engine.base.model.register_forward_pre_hook(
         lambda *_: threads.add(threading.current_thread().name))
@@ -237,7 +237,7 @@ async def test_chunked_prefill_and_row_limit(make_engine: EngineFactory,
     prompts span many steps while other rows decode; the rest wait for room."""
     engine = await make_engine(prefill_chunk=3, prefill_tokens_per_step=5, max_batch_rows=3)
     reports: list[StepReport] = []
-    engine.scheduler.on_step.append(reports.append)
+    engine.subscribe(reports.append)
     names = ("soka", "bottleneck", "hyperloader", "lora", "dora")
     handles = [engine.submit(GenerationRequest(prompt=PROMPTS[6 - i], sampling=GREEDY,
                                                adapter=spec(n, adapters[n])))

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.errors import RowError
-from server.sampling import (
+from engine.errors import RowError
+from engine.sampling import (
     GREEDY_BELOW,
     NonFiniteLogitsError,
     Sampler,

@@ -10,19 +10,19 @@ import pytest
 import torch
 
 from adapters import Adapter
-from server.detok import TextStream
-from server.errors import QueueFullError
-from server.requests import AdapterSpec, GenerationRequest, TokenEvent
-from server.sampling import SamplingParams, filtered_probs
-from server.scheduler import StepReport
-from tests.server.conftest import GREEDY, PROMPTS, EngineFactory, Reference, spec
+from engine.detok import TextStream
+from engine.errors import QueueFullError
+from engine.requests import AdapterSpec, GenerationRequest, TokenEvent
+from engine.sampling import SamplingParams, filtered_probs
+from engine.scheduler import StepReport
+from tests.engine.conftest import GREEDY, PROMPTS, EngineFactory, Reference, spec
 
 
 async def test_requests_joining_mid_run_match_running_alone(
         make_engine: EngineFactory, adapters: dict[str, Adapter], reference: Reference) -> None:
     engine = await make_engine()
     reports: list[StepReport] = []
-    engine.scheduler.on_step.append(reports.append)
+    engine.subscribe(reports.append)
     long = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     first = engine.submit(GenerationRequest(prompt=PROMPTS[2], sampling=long,
                                             adapter=spec("dora", adapters["dora"])))
@@ -49,7 +49,7 @@ async def test_cancel_leaves_the_batch_within_one_step(
         make_engine: EngineFactory, adapters: dict[str, Adapter], reference: Reference) -> None:
     engine = await make_engine()
     reports: list[StepReport] = []
-    engine.scheduler.on_step.append(reports.append)
+    engine.subscribe(reports.append)
     endless = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
     doomed = engine.submit(GenerationRequest(prompt="a", sampling=endless,
                                              adapter=spec("hut", adapters["hut"])))

@@ -15,7 +15,7 @@ import secrets
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.errors import RowError
+from engine.errors import RowError
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy: 1/T would overflow the logits
 

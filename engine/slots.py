@@ -27,7 +27,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from adapters import Adapter, PreparedAdapter, SlotPool
-from server.errors import AdapterLoadError
+from engine.errors import AdapterLoadError
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,8 @@ import torch
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapters import PoolConfig
+
 Dtype = Literal["float32", "bfloat16", "float16"]
 Device = Literal["cpu", "cuda", "auto"]
 
@@ -24,7 +26,7 @@ class EngineSettings(BaseSettings):
     # --- base model ---------------------------------------------------------------------
     model: str | None = Field(
         None, description="local directory or hub id of the base model; None = the small "
-                          "built-in model (server.builtin), materialised into builtin_dir")
+                          "built-in model (engine.builtin), materialised into builtin_dir")
     allow_download: bool = Field(
         False, description="let a hub id download; otherwise only local files / the local "
                            "HF cache are read (local_files_only=True)")
@@ -39,6 +41,12 @@ class EngineSettings(BaseSettings):
     max_rank: int = Field(16, ge=1)
     max_bottleneck_dim: int = Field(64, ge=1)
     gather_budget: int = Field(1 << 22, ge=0)
+    methods: list[str] | None = Field(
+        None, description="adapter methods the slot pool allocates banks for (e.g. "
+                          '["lora", "dora"]); None = every registered method')
+    target_modules: list[str] | str | None = Field(
+        None, description="modules the pool wraps (PEFT's rule: names or a regex); None = "
+                          "every adaptable projection")
     load_workers: int = Field(2, ge=1, le=64, description="threads validating + lowering")
 
     # --- scheduler ----------------------------------------------------------------------
@@ -64,7 +72,7 @@ class EngineSettings(BaseSettings):
     retry_after_min_s: int = Field(1, ge=1)
     retry_after_max_s: int = Field(60, ge=1)
 
-    # --- hot tenants (server.hot) ---------------------------------------------------------
+    # --- hot tenants (engine.hot) ---------------------------------------------------------
     hot_max_merged: int = Field(
         2, ge=0, description="adapters served from merged weights at once by the automatic "
                              "policy (admin pins come on top); 0 = policy off")
@@ -88,6 +96,13 @@ class EngineSettings(BaseSettings):
         if self.hot_leave_share > self.hot_enter_share:
             raise ValueError("hot_leave_share exceeds hot_enter_share")
         return self
+
+    def pool_config(self) -> PoolConfig:
+        """The slot pool these settings describe."""
+        return PoolConfig(num_slots=self.num_slots, max_rank=self.max_rank,
+                          max_bottleneck_dim=self.max_bottleneck_dim,
+                          methods=self.methods, target_modules=self.target_modules,
+                          gather_budget=self.gather_budget)
 
     @property
     def torch_dtype(self) -> torch.dtype:

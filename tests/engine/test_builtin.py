@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from server import builtin
-from server.errors import RequestValidationError
-from server.model import load_base
-from tests.server.conftest import HermeticSettings
+from engine import builtin
+from engine.errors import RequestValidationError
+from engine.model import load_base
+from tests.engine.conftest import HermeticSettings
 
 
 @pytest.fixture

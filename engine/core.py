@@ -6,12 +6,12 @@
     async for event in handle: ...             # TokenEvent per token; handle.cancel()
     await engine.stop(drain_timeout=30)
 
-Hooks for the serving layer: ``engine.scheduler.on_step`` receives a :class:`StepReport`
+Hooks for the serving layer: ``engine.subscribe(observer)``: it receives a :class:`StepReport`
 per forward (batch size, adapters per row: metrics, hot-tenant share of recent tokens);
 ``engine.base`` gives the model and tokenizer; the per-request loader is where host cache /
 Redis / HyperLoader generation plug in.
 
-Hot tenants (:mod:`server.hot`): the policy serves a busy adapter's new rows from a merged
+Hot tenants (:mod:`engine.hot`): the policy serves a busy adapter's new rows from a merged
 copy kept beside the base; admins pin with ``await engine.pin(spec)`` / ``engine.unpin(key)``;
 ``engine.is_merged(key)`` and ``engine.stats().hot`` (merged share of recent tokens) are
 for metrics.
@@ -22,25 +22,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from adapters import PoolConfig, SlotPool
-from server.detok import TextStream
-from server.errors import (
+from adapters import Adapter, SlotPool
+from adapters.targets import TargetInfo
+from engine.detok import TextStream
+from engine.errors import (
     ContextLengthError,
     EngineStoppedError,
     PromptTooLargeError,
     RequestValidationError,
 )
-from server.hot import HotStats, HotTenants
-from server.model import LoadedModel, load_base
-from server.requests import AdapterSpec, GenerationRequest, RequestHandle
-from server.sampling import Sampler
-from server.scheduler import Scheduler, StepReport
-from server.settings import EngineSettings
-from server.slots import SlotManager, SlotStats
-from server.step import Row, Stepper
+from engine.hot import HotStats, HotTenants
+from engine.model import LoadedModel, load_base
+from engine.requests import AdapterSpec, GenerationRequest, RequestHandle
+from engine.sampling import Sampler
+from engine.scheduler import Scheduler, StepReport
+from engine.settings import EngineSettings
+from engine.slots import SlotManager, SlotStats
+from engine.step import Row, Stepper
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +82,13 @@ class Engine:
                                          thread_name_prefix="tessera-load")
         loop = asyncio.get_running_loop()
         self._base = await loop.run_in_executor(self._forward, load_base, self.settings)
-        pool = SlotPool(self._base.model, PoolConfig(
-            num_slots=self.settings.num_slots, max_rank=self.settings.max_rank,
-            max_bottleneck_dim=self.settings.max_bottleneck_dim,
-            gather_budget=self.settings.gather_budget))
-        scheduler: Scheduler | None = None
-
-        def wake() -> None:
-            if scheduler is not None:
-                scheduler.wake()
-
-        self._slots = SlotManager(pool, self._loads, on_change=wake)
+        pool = SlotPool(self._base.model, self.settings.pool_config())
+        self._slots = SlotManager(pool, self._loads, on_change=self._wake)
+        self._hot = HotTenants(self.settings, self._base.model, self._loads,
+                               on_change=self._wake)
         scheduler = Scheduler(self.settings, Stepper(self._base, pool), self._slots,
-                              self._forward)
-        self._hot = HotTenants(self.settings, self._base.model, self._loads, on_change=wake)
-        scheduler.variant_of = self._hot.variant
-        scheduler.on_step.append(lambda report: self._record(report))
+                              self._forward, variant_of=self._hot.variant,
+                              observers=[self._record])
         self._scheduler = scheduler
         scheduler.start()
         self._hot.start()
@@ -117,6 +110,27 @@ class Engine:
             if executor is not None:
                 executor.shutdown(wait=True, cancel_futures=True)
         log.info("engine stopped")
+
+    def _wake(self) -> None:
+        """A slot load or a merge finished: the scheduler may have work again."""
+        if self._scheduler is not None:
+            self._scheduler.wake()
+
+    @property
+    def targets(self) -> Mapping[str, TargetInfo]:
+        """The base model's adaptable modules the slot pool wraps (path -> shapes)."""
+        return self.slots.pool.targets
+
+    def check_adapter(self, adapter: Adapter) -> None:
+        """Validate ``adapter`` against the base and the pool's methods and limits, and
+        lower it as a load would (every lowered tensor finite in the banks' dtype); the
+        lowered data is dropped. Raises ``AdapterValidationError`` / ``PoolError``. Safe in
+        a worker thread."""
+        self.slots.pool.prepare(adapter)
+
+    def subscribe(self, observer: Callable[[StepReport], None]) -> None:
+        """Call ``observer`` with each step's :class:`StepReport` (metrics)."""
+        self.scheduler.subscribe(observer)
 
     @property
     def base(self) -> LoadedModel:

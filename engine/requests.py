@@ -21,8 +21,8 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from typing import Literal
 
-from server.sampling import SamplingParams
-from server.slots import AdapterLoader
+from engine.sampling import SamplingParams
+from engine.slots import AdapterLoader
 
 FinishReason = Literal["stop", "length", "cancelled", "shutdown"]
 

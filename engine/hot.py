@@ -24,7 +24,7 @@ shares the base's parameter and buffer tensors (no copy), and the slot-pool wrap
 left out (a merged row needs no slot). It is built in a load worker thread, off the
 forward loop; it becomes visible to the scheduler on the loop thread, so the switch
 happens between steps. A new row of a merged adapter runs on the variant, as a separate
-forward group with its own KV cache (:mod:`server.step`); rows keep the path they started
+forward group with its own KV cache (:mod:`engine.step`); rows keep the path they started
 on until they finish (a dropped variant lives on until its last row ends). The base
 model's parameters are never written.
 """
@@ -46,8 +46,8 @@ from torch import nn
 
 from adapters import Adapter, NotMergeableError, merged_weights, registry
 from adapters import targets as tg
-from server.settings import EngineSettings
-from server.slots import AdapterLoader
+from engine.settings import EngineSettings
+from engine.slots import AdapterLoader
 
 log = logging.getLogger(__name__)
 

@@ -61,14 +61,6 @@ class AdapterLoadError(EngineError):
         super().__init__(f"adapter {key!r} could not be loaded: {cause}")
 
 
-class ClientGone(EngineError):
-    """The client disconnected before its (non-streaming) answer was ready; the request
-    was cancelled. Nobody reads the response (logged as 499, nginx's convention)."""
-
-    def __init__(self) -> None:
-        super().__init__("the client closed the connection; the request was cancelled")
-
-
 class RowError(EngineError):
     """A failure that belongs to one request of a step (its sampling, stop strings,
     detokenization, non-finite logits from its adapter): that request fails with this

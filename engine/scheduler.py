@@ -11,11 +11,11 @@ Every iteration of :meth:`Scheduler._run`:
    per row — then prefill chunks of joining rows (their first token comes out of it);
 4. deliver the step's events to the requests' handles; finished rows are unpinned.
 
-A waiting request of an adapter the hot-tenant policy serves merged (:mod:`server.hot`)
+A waiting request of an adapter the hot-tenant policy serves merged (:mod:`engine.hot`)
 joins without a slot, on the merged variant ``variant_of(key)`` returns at admission.
 
 A request submitted during a step joins at the next one. The asyncio loop never runs
-a forward, so it stays responsive. KV cache layout and costs: :mod:`server.kvcache`.
+a forward, so it stays responsive. KV cache layout and costs: :mod:`engine.kvcache`.
 """
 
 from __future__ import annotations
@@ -26,17 +26,17 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from server.errors import AdapterLoadError, EngineStoppedError, QueueFullError, StepError
-from server.requests import FinishReason, TokenEvent
-from server.settings import EngineSettings
-from server.slots import SlotManager
-from server.step import Row, Stepper, StepPlan, StepResult
+from engine.errors import AdapterLoadError, EngineStoppedError, QueueFullError, StepError
+from engine.requests import FinishReason, TokenEvent
+from engine.settings import EngineSettings
+from engine.slots import SlotManager
+from engine.step import Row, Stepper, StepPlan, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +76,17 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, settings: EngineSettings, stepper: Stepper, slots: SlotManager,
-                 executor: ThreadPoolExecutor) -> None:
+                 executor: ThreadPoolExecutor, *,
+                 variant_of: Callable[[str], nn.Module | None] = lambda key: None,
+                 observers: Sequence[Callable[[StepReport], None]] = ()) -> None:
         self.settings = settings
         self.stepper = stepper
         self.slots = slots
         self.executor = executor  # one thread: forwards are serialised
         self.stats = SchedulerStats()
-        self.on_step: list[Callable[[StepReport], None]] = []
+        self._observers: list[Callable[[StepReport], None]] = list(observers)
         # the hot-tenant policy's merged model for an adapter key (None = the slot pool)
-        self.variant_of: Callable[[str], nn.Module | None] = lambda key: None
+        self.variant_of = variant_of
         self.waiting: deque[Row] = deque()
         self.prefilling: list[Row] = []
         self._removed: set[Row] = set()
@@ -95,6 +97,11 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._latency_ewma = 1.0  # seconds per request (the Retry-After estimate)
         self.heartbeat = time.monotonic()  # the loop's last beat (readiness)
+
+    def subscribe(self, observer: Callable[[StepReport], None]) -> None:
+        """Call ``observer`` with every step's :class:`StepReport` (on the event loop; an
+        observer that raises is logged and never stops serving)."""
+        self._observers.append(observer)
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -281,7 +288,7 @@ class Scheduler:
                                             for s, e in result.events
                                             if e.token_id is not None))
         self.stats.last_distinct_adapters = report.distinct_adapters
-        for callback in self.on_step:
+        for callback in self._observers:
             try:
                 callback(report)
             except Exception:  # an observer (metrics, hot policy) never stops serving

@@ -1,4 +1,4 @@
-"""Hot tenants (server.hot): merged rows against the unmerged path and the independent
+"""Hot tenants (engine.hot): merged rows against the unmerged path and the independent
 reference (tests/server/conftest), the base left bit-identical, and the policy."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from adapters import Adapter, NotMergeableError
-from server.engine import Engine
-from server.requests import GenerationRequest
-from server.sampling import SamplingParams
-from server.scheduler import StepReport
-from tests.server.conftest import GREEDY, PROMPTS, EngineFactory, Reference, spec
+from engine.core import Engine
+from engine.requests import GenerationRequest
+from engine.sampling import SamplingParams
+from engine.scheduler import StepReport
+from tests.engine.conftest import GREEDY, PROMPTS, EngineFactory, Reference, spec
 
 MERGEABLE = ("lora", "dora", "hra", "hut", "soka")
 POLICY = {"hot_max_merged": 1, "hot_window_s": 10.0, "hot_enter_share": 0.6,
@@ -43,7 +43,7 @@ async def test_merged_rows_match_unmerged_and_reference(
         await engine.pin(spec(name, adapters[name]))
     assert set(engine.stats().hot.merged) == set(MERGEABLE)  # type: ignore[union-attr]
     reports: list[StepReport] = []
-    engine.scheduler.on_step.append(reports.append)
+    engine.subscribe(reports.append)
     # each hot adapter twice on one prompt: merged (its key) and through the slot pool
     # (another key, same weights); non-mergeable adapters and the base in the same batch
     jobs: list[tuple[str, Adapter | None, str]] = []
@@ -110,7 +110,7 @@ async def test_policy_merges_hot_adapter_and_drops_it_when_cold(
     await engine.hot.settle()
     assert engine.is_merged("lora") and not engine.is_merged("dora")  # max 1, dora 0.25
     reports: list[StepReport] = []
-    engine.scheduler.on_step.append(reports.append)
+    engine.subscribe(reports.append)
     [tokens] = await run(engine, [("lora", lora, PROMPTS[4])])
     assert tokens == reference.greedy(lora, PROMPTS[4], 8)
     assert all(r.merged == (True,) for r in reports)

@@ -2,7 +2,7 @@
 
 ``trust_remote_code`` is always off; files are read locally (``local_files_only=True``)
 unless the settings allow hub downloads. With no model configured, the built-in model
-(:mod:`server.builtin`) is materialised and loaded through the same path.
+(:mod:`engine.builtin`) is materialised and loaded through the same path.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from server import builtin
-from server.errors import RequestValidationError
-from server.settings import EngineSettings
+from engine import builtin
+from engine.errors import RequestValidationError
+from engine.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from adapters import Adapter, Component
-from server.errors import RowError, StepError
-from server.requests import GenerationRequest, RequestHandle
-from server.sampling import NonFiniteLogitsError, SamplingParams
-from tests.server.conftest import GREEDY, PROMPTS, EngineFactory, Reference, spec
+from engine.errors import RowError, StepError
+from engine.requests import GenerationRequest, RequestHandle
+from engine.sampling import NonFiniteLogitsError, SamplingParams
+from tests.engine.conftest import GREEDY, PROMPTS, EngineFactory, Reference, spec
 
 
 def overflowing(adapter: Adapter) -> Adapter:

@@ -1,0 +1,12 @@
+"""The engine: one frozen base model, continuous batching of requests of any mix of
+adapters and methods, sampling and detokenization. Depends on :mod:`adapters` only;
+:mod:`server` (HTTP, auth, uploads, the store glue) builds one from
+:class:`~engine.settings.EngineSettings`."""
+
+from engine.core import Engine, EngineStats
+from engine.requests import AdapterSpec, Completion, GenerationRequest, RequestHandle, TokenEvent
+from engine.sampling import SamplingParams
+from engine.settings import EngineSettings
+
+__all__ = ["AdapterSpec", "Completion", "Engine", "EngineSettings", "EngineStats",
+           "GenerationRequest", "RequestHandle", "SamplingParams", "TokenEvent"]
