@@ -56,6 +56,8 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # tokens generated so far, this one included
+    logprob: float | None = None  # log p(token_id) under the model's own distribution
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the n most likely (asked for)
 
 
 @dataclass(frozen=True)

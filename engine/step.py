@@ -35,7 +35,7 @@ from engine.errors import RowError, StepError
 from engine.kvcache import BatchCache, cache_tensors
 from engine.model import LoadedModel
 from engine.requests import FinishReason, RequestHandle, TokenEvent
-from engine.sampling import NonFiniteLogitsError, Sampler
+from engine.sampling import NonFiniteLogitsError, Picked, Sampler, pick_batch
 from engine.slots import AdapterLoader, Write
 
 log = logging.getLogger(__name__)
@@ -198,22 +198,9 @@ class Stepper:
                 result.failed.extend((seq, error) for seq in group.rows)
                 return
         rows = group.rows
-        greedy, bad = torch.stack([  # one host sync for every row: argmax, non-finite
-            logits.argmax(dim=-1),
-            (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1).long()]).tolist()
+        picked = pick_batch(logits, [s.sampler for s in rows])  # one host transfer
         for i, seq in enumerate(rows):
-            try:
-                if bad[i]:
-                    raise NonFiniteLogitsError(
-                        "the model produced non-finite logits for this request (NaN or "
-                        "+inf); its adapter may be broken")
-                token = (greedy[i] if seq.sampler.generator is None
-                         else seq.sampler.pick(logits[i]))
-                self._emit(seq, int(token), result)
-            except Exception as exc:  # this row's sampling / stop strings / detokenizing
-                log.warning("row failed", extra={"request_id": seq.request_id,
-                                                 "adapter": seq.key, "error": repr(exc)})
-                result.failed.append((seq, _row_error(exc, "decode")))
+            self._take(seq, picked, i, result, "decode")
         result.decode_rows += len(rows)
         result.request_ids.extend(s.request_id for s in rows)
         result.adapters.extend(s.key for s in rows)
@@ -249,16 +236,31 @@ class Stepper:
         result.merged.append(seq.variant is not None)
         if seq.prefilled < len(seq.prompt):
             return
-        token = seq.sampler.pick(out.logits[0, -1])  # [V]
-        self._emit(seq, token, result)
-        if seq.finish is None:
+        taken = self._take(seq, pick_batch(out.logits[0, -1:], [seq.sampler]), 0, result,
+                           "prefill")  # logits [1, V]
+        if taken and seq.finish is None:
             group = self._group(seq)
             group.cache.add(cache_tensors(seq.cache), len(seq.prompt))
             group.rows.append(seq)
             result.joined.append(seq)
         seq.cache = None  # the batch cache holds a copy now
 
-    def _emit(self, seq: Row, token: int, result: StepResult) -> None:
+    def _take(self, seq: Row, picked: Picked, i: int, result: StepResult, stage: str) -> bool:
+        """Row ``i`` of ``picked`` for ``seq``: its token is emitted (True), or its own
+        failure (non-finite logits, stop strings, detokenizing) fails it alone (False)."""
+        try:
+            if picked.bad[i]:
+                raise NonFiniteLogitsError()
+            self._emit(seq, picked.tokens[i], picked.logprobs[i], picked.top[i], result)
+        except Exception as exc:
+            log.warning("row failed", extra={"request_id": seq.request_id,
+                                             "adapter": seq.key, "error": repr(exc)})
+            result.failed.append((seq, _row_error(exc, stage)))
+            return False
+        return True
+
+    def _emit(self, seq: Row, token: int, logprob: float,
+              top: tuple[tuple[int, float], ...], result: StepResult) -> None:
         seq.completion += 1
         seq.last_token = token
         text = seq.stream.push(token)
@@ -272,7 +274,8 @@ class Stepper:
             result.finished.append(seq)
         result.events.append((seq, TokenEvent(
             token_id=token, text=text, finish_reason=seq.finish,
-            prompt_tokens=len(seq.prompt), completion_tokens=seq.completion)))
+            prompt_tokens=len(seq.prompt), completion_tokens=seq.completion,
+            logprob=logprob, top_logprobs=top)))
 
     def _keep(self, gone: set[Row]) -> None:
         """Remove ``gone`` rows from their groups; a merged group left empty is released

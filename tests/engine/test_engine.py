@@ -248,3 +248,26 @@ async def test_chunked_prefill_and_row_limit(make_engine: EngineFactory,
     assert max(r.prefill_tokens for r in reports) <= 5
     assert max(len(r.adapters) for r in reports) <= 3
     assert any(r.decode_rows and r.prefill_tokens for r in reports)  # interleaved
+
+
+async def test_events_carry_the_models_logprobs(make_engine: EngineFactory,
+                                                reference: Reference) -> None:
+    """Each token's logprob and its top alternatives come out of the step that chose it,
+    equal to a log-softmax of the independent reference model's logits."""
+    engine = await make_engine()
+    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=3, ignore_eos=True)
+    handle = engine.submit(GenerationRequest(prompt=PROMPTS[2], sampling=params))
+    ids = reference.ids(PROMPTS[2])
+    async for event in handle:
+        if event.token_id is None:
+            continue
+        with torch.no_grad():
+            logits = reference.base(input_ids=torch.tensor([ids])).logits[0, -1].double()
+        logp = logits - torch.logsumexp(logits, dim=-1)  # [V]
+        assert event.token_id == int(logp.argmax())
+        assert event.logprob == pytest.approx(float(logp[event.token_id]), abs=1e-4)
+        want = torch.topk(logp, 3)
+        assert [t for t, _ in event.top_logprobs] == want.indices.tolist()
+        assert [v for _, v in event.top_logprobs] == pytest.approx(want.values.tolist(),
+                                                                   abs=1e-4)
+        ids.append(event.token_id)
