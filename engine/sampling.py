@@ -155,10 +155,11 @@ def check_finite(logits: torch.Tensor) -> None:
         raise NonFiniteLogitsError()
 
 
-def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) over ``logits`` ``[V]`` -> probs ``[V]``.
-    The most likely token always survives the filters; the result is finite and sums to 1.
-    Top-k keeps exactly k tokens (ties broken by token id, as :func:`pick_batch` does)."""
+def _ranked(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature, then top-k, then top-p (nucleus) over ``logits`` ``[V]``: the kept
+    probability mass ``[V]`` (not renormalised) most likely first, and the token ids in that
+    order ``[V]``. Top-k keeps exactly k tokens (ties broken by token id); the most likely
+    token always survives."""
     check_finite(logits)
     shifted = logits.float() - logits.float().max()  # [V], <= 0 with a 0
     scaled = shifted / params.temperature  # [V]
@@ -171,18 +172,24 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         drop = before >= params.top_p  # keep the smallest prefix reaching top_p
         drop[0] = False  # the top token stays even when top_p rounds to 0 in float32
         probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum()
-    return torch.zeros_like(probs).scatter_(0, order, probs)
+    return probs, order
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled row draws from: probs ``[V]`` by token id, finite,
+    summing to 1."""
+    probs, order = _ranked(logits, params)
+    return torch.zeros_like(probs).scatter_(0, order, probs / probs.sum())
 
 
 def pick_reference(logits: torch.Tensor, params: SamplingParams, u: float) -> int:
-    """One row, plainly: greedy argmax, or the token where the filtered distribution's CDF
-    (most likely first) passes ``u``."""
+    """One row, plainly: greedy argmax, or the token where the kept mass's CDF (most likely
+    first) passes ``u`` of it."""
     check_finite(logits)
     if params.greedy:
         return int(torch.argmax(logits.float()))
-    probs = filtered_probs(logits, params)  # [V]
-    ranked, order = torch.sort(probs, descending=True, stable=True)  # [V], [V]
-    cdf = torch.cumsum(ranked, dim=-1)  # [V]
-    at = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])]), right=True))
+    probs, order = _ranked(logits, params)  # [V], [V]
+    cdf = torch.cumsum(probs, dim=-1)  # [V]
+    target = torch.tensor([u], dtype=cdf.dtype) * cdf[-1]  # [1], as pick_batch rounds it
+    at = int(torch.searchsorted(cdf, target, right=True))
     return int(order[min(at, probs.shape[0] - 1)])
