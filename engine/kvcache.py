@@ -1,25 +1,29 @@
-"""The running batch's KV cache: one left-padded tensor pair per layer, plus the mask.
+"""The running batch's KV cache: one slab per layer, written in place, never concatenated.
 
-Design (correctness first):
+Layout. Per layer, keys and values live in a preallocated slab ``[R, H_kv, C, D]`` (``R``
+row capacity, ``C`` length capacity). Running row ``i`` owns slab row ``i`` (rows are
+kept compact in ``[0, B)``), its tokens at positions ``[0, length_i)``: right-aligned
+padding, never left padding, so a row's position ids are its real positions.
 
-- A request is prefilled alone (chunk by chunk) into its own ``DynamicCache``; no padding,
-  so its prompt sees exactly what it would see running alone.
-- When its prefill completes, its keys/values are spliced into the batch cache: every row
-  is left-padded to the longest row, and ``mask`` ``[B, L]`` marks real positions (1) and
-  padding (0). Each row keeps its own position ids (its real length), so rotary
-  embeddings match the row alone; padded keys are masked out of attention.
-- A decode step feeds one token per row with ``attention_mask = [mask | 1]`` and
-  ``position_ids = lengths``; the cache grows by one column for every row.
-- A row that finishes or is cancelled is dropped with one ``index_select``; columns that
-  became padding in every row are trimmed from the left.
+Costs.
+- A decode step writes each row's new key/value at ``[i, :, length_i]`` in place (inside
+  the model's attention, through :class:`SlabLayer`) and attends over the view
+  ``[:B, :, :W + 1]`` (``W`` the longest row): no copy of the cache at all. The previous
+  design (one left-padded tensor pair, grown by ``torch.cat``) copied the whole cache per
+  layer per step — 34% of a decode step's samples; measured per layer at batch 32,
+  length 170, 16 heads x 64 on the 2-core CPU: 16.5 ms (cat) vs 3.0 ms (slab), identical
+  outputs.
+- A row that joins is copied once into its slab row (``O(its length)``); rows that leave
+  are compacted by moving the later rows down (``O(moved rows x W)``, only on leaves).
+- Capacity grows by doubling (rows and length), so memory follows use, amortised O(1)
+  per step; nothing is preallocated for the context limit.
+- Attention still spans ``W + 1`` positions for every row: one long row beside short ones
+  costs attention FLOPs (masked), not copies. A paged cache with a paged-attention kernel
+  would remove that too; see issue 8.
 
-Costs: splicing a row or dropping rows copies the whole batch cache once (O(B x L) per
-layer) — only when membership changes. A decode step concatenates one column
-(``DynamicCache.update`` copies, O(B x L) per layer, as HF's own ``generate`` does with a
-DynamicCache); the cache is handed to the model without another copy (``wrap``).
-Padding wastes attention compute and memory in proportion to the spread of row lengths
-(a 2k-token row beside 10-token rows pads them all to 2k). A paged cache would remove
-both costs; it needs a custom attention path and is left for later.
+A forward that fails half way leaves some layers' new keys written past ``length_i``; as
+lengths only advance after a successful step, those writes are never read (the step is
+retried from the same state).
 
 Only full-attention layers are supported (``DynamicLayer``); sliding-window or hybrid
 caches (Gemma 2, some Mistral configs) are not.
@@ -28,11 +32,12 @@ caches (Gemma 2, some Mistral configs) are not.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 KV = tuple[torch.Tensor, torch.Tensor]  # ([B, H_kv, L, D], [B, H_kv, L, D])
+
+_MIN_LENGTH = 64  # initial length capacity
 
 
 def cache_tensors(cache: DynamicCache) -> list[KV]:
@@ -48,13 +53,38 @@ def cache_tensors(cache: DynamicCache) -> list[KV]:
     return out
 
 
+class SlabLayer(DynamicLayer):
+    """One layer of a decode step over the slab: ``update`` writes the step's new key and
+    value of every row in place at its own length and returns views (no copy)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                 width: int) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.slab_keys, self.slab_values = keys, values  # [R, H, C, D] each
+        self.lengths = lengths  # [B] long: where each row's new token goes
+        self.rows = torch.arange(int(lengths.shape[0]), device=lengths.device)  # [B]
+        self.width = width  # W: the longest row before this step
+        self.lazy_initialization(keys, values)
+        self.keys = keys[:self.rows.shape[0], :, :width]  # [B, H, W, D] view
+        self.values = values[:self.rows.shape[0], :, :width]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
+               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        # key_states / value_states: [B, H, 1, D] (decode: one new token per row)
+        self.slab_keys[self.rows, :, self.lengths] = key_states[:, :, 0]  # [B, H, D]
+        self.slab_values[self.rows, :, self.lengths] = value_states[:, :, 0]
+        b = int(self.rows.shape[0])
+        self.keys = self.slab_keys[:b, :, :self.width + 1]  # [B, H, W + 1, D] view
+        self.values = self.slab_values[:b, :, :self.width + 1]
+        return self.keys, self.values
+
+
 class BatchCache:
     def __init__(self) -> None:
         self.clear()
 
     def clear(self) -> None:
-        self.layers: list[KV] = []
-        self.mask = torch.zeros(0, 0, dtype=torch.long)  # [B, L] 1 = real position
+        self.layers: list[KV] = []  # per layer (keys, values) slabs [R, H_kv, C, D]
         self.lengths: list[int] = []  # real tokens per row (its next position id)
 
     @property
@@ -63,67 +93,77 @@ class BatchCache:
 
     @property
     def width(self) -> int:
-        return int(self.mask.shape[1])
+        """The longest row (the attention span of a decode step, before its new token)."""
+        return max(self.lengths, default=0)
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(rows, length) the slabs hold without growing."""
+        if not self.layers:
+            return 0, 0
+        return int(self.layers[0][0].shape[0]), int(self.layers[0][0].shape[2])
+
+    def _reserve(self, rows: int, length: int, like: list[KV]) -> None:
+        """Grow the slabs (doubling) to hold ``rows`` rows of ``length`` tokens."""
+        have_rows, have_length = self.capacity
+        if self.layers and rows <= have_rows and length <= have_length:
+            return
+        new_rows = max(rows, 2 * have_rows, 1)
+        new_length = max(length, 2 * have_length, _MIN_LENGTH)
+        grown: list[KV] = []
+        for i, (k, v) in enumerate(like):
+            shape = (new_rows, k.shape[1], new_length, k.shape[3])  # [R, H, C, D]
+            gk = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            gv = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            if self.layers and self.rows:
+                old_k, old_v = self.layers[i]
+                b, w = self.rows, self.width
+                gk[:b, :, :w] = old_k[:b, :, :w]
+                gv[:b, :, :w] = old_v[:b, :, :w]
+            grown.append((gk, gv))
+        self.layers = grown
 
     def add(self, row: list[KV], length: int) -> None:
         """Append one prefilled row (``[1, H, length, D]`` per layer) as the last row."""
-        if not self.layers:
-            self.layers = [(k.clone(), v.clone()) for k, v in row]
-            self.mask = torch.ones(1, length, dtype=torch.long, device=row[0][0].device)
-            self.lengths = [length]
-            return
-        width = max(self.width, length)
-        grown: list[KV] = []
-        for (bk, bv), (rk, rv) in zip(self.layers, row, strict=True):
-            grown.append((torch.cat([_left_pad(bk, width), _left_pad(rk, width)]),
-                          torch.cat([_left_pad(bv, width), _left_pad(rv, width)])))
-        self.layers = grown
-        row_mask = torch.ones(1, length, dtype=torch.long, device=self.mask.device)
-        self.mask = torch.cat([F.pad(self.mask, (width - self.width, 0)),
-                               F.pad(row_mask, (width - length, 0))])  # [B + 1, width]
+        self._reserve(self.rows + 1, max(self.width, length) + 1, self.layers or row)
+        i = self.rows
+        for (k, v), (rk, rv) in zip(self.layers, row, strict=True):
+            k[i, :, :length] = rk[0, :, :length]
+            v[i, :, :length] = rv[0, :, :length]
         self.lengths.append(length)
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (in that order); trim all-padding columns on the left."""
+        """Keep only ``rows`` (in that order, ascending): later rows move down into the
+        holes, so the running rows stay compact in ``[0, B)``."""
         if not rows:
-            self.clear()
+            self.lengths = []
             return
-        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        mask = self.mask.index_select(0, index)  # [B', L]
-        used = int(mask.any(dim=0).nonzero().min())  # first column some row still uses
-        self.mask = mask[:, used:]
-        self.layers = [(k.index_select(0, index)[:, :, used:],
-                        v.index_select(0, index)[:, :, used:]) for k, v in self.layers]
+        width = self.width
+        for j, r in enumerate(rows):
+            if r != j:
+                for k, v in self.layers:
+                    k[j, :, :width] = k[r, :, :width]
+                    v[j, :, :width] = v[r, :, :width]
         self.lengths = [self.lengths[r] for r in rows]
 
     def step_inputs(self) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        """``(cache, attention_mask [B, L + 1], position_ids [B, 1])`` for one decode step."""
-        cache = wrap(self.layers)
-        ones = torch.ones(self.rows, 1, dtype=torch.long, device=self.mask.device)
-        attention = torch.cat([self.mask, ones], dim=1)  # [B, L + 1]
-        positions = torch.tensor(self.lengths, dtype=torch.long,
-                                 device=self.mask.device).unsqueeze(1)  # [B, 1]
-        return cache, attention, positions
+        """``(cache, attention_mask [B, 1, 1, W + 1], position_ids [B, 1])`` for one decode
+        step: the mask is additive (0 where a row attends, the dtype's minimum elsewhere)
+        and 4-D, so the model uses it as given."""
+        width = self.width
+        self._reserve(self.rows, width + 1, self.layers)
+        keys = self.layers[0][0]
+        device, dtype = keys.device, keys.dtype
+        lengths = torch.tensor(self.lengths, dtype=torch.long, device=device)  # [B]
+        cache = DynamicCache()
+        for k, v in self.layers:
+            cache.layers.append(SlabLayer(k, v, lengths, width))
+        span = torch.arange(width + 1, device=device).unsqueeze(0)  # [1, W + 1]
+        attend = span <= lengths.unsqueeze(1)  # [B, W + 1]: its tokens and the new one
+        mask = torch.zeros(attend.shape, dtype=dtype, device=device).masked_fill(
+            ~attend, torch.finfo(dtype).min)  # [B, W + 1]
+        return cache, mask[:, None, None, :], lengths.unsqueeze(1)
 
-    def advance(self, cache: DynamicCache, attention: torch.Tensor) -> None:
-        """Take the grown cache back after a decode step."""
-        self.layers = cache_tensors(cache)
-        self.mask = attention
+    def advance(self) -> None:
+        """After a successful decode step: every row grew by its new token."""
         self.lengths = [n + 1 for n in self.lengths]
-
-
-def wrap(layers: list[KV]) -> DynamicCache:
-    """A DynamicCache over ``layers`` without copying them (``DynamicCache(ddp_cache_data=)``
-    would concatenate each onto an empty tensor: one more full copy per step)."""
-    cache = DynamicCache()
-    for keys, values in layers:
-        layer = DynamicLayer()  # type: ignore[no-untyped-call]
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-        cache.layers.append(layer)
-    return cache
-
-
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """``[B, H, L, D] -> [B, H, width, D]`` with zeros on the left of the sequence."""
-    return F.pad(t, (0, 0, width - t.shape[2], 0))

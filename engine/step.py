@@ -214,7 +214,7 @@ class Stepper:
         with self._route(group.pooled, [s.slot for s in rows]):  # slot per row [B]
             out = group.model(input_ids=ids, attention_mask=attention,
                               position_ids=positions, past_key_values=cache, use_cache=True)
-        group.cache.advance(out.past_key_values, attention)
+        group.cache.advance()
         return out.logits[:, -1, :]  # type: ignore[no-any-return]  # [B, V]
 
     def _prefill(self, seq: Row, count: int, result: StepResult) -> None:

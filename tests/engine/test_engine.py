@@ -271,3 +271,26 @@ async def test_events_carry_the_models_logprobs(make_engine: EngineFactory,
         assert [v for _, v in event.top_logprobs] == pytest.approx(want.values.tolist(),
                                                                    abs=1e-4)
         ids.append(event.token_id)
+
+
+async def test_a_long_row_beside_short_rows_joining_and_leaving(
+        make_engine: EngineFactory, adapters: dict[str, Adapter], reference: Reference) -> None:
+    """A 1,000-token row beside 10-token rows that join and leave on different steps:
+    every row equals the reference; the slab grows as needed."""
+    engine = await make_engine(prefill_chunk=256)
+    gen = torch.Generator().manual_seed(5)
+    long_prompt = torch.randint(3, 200, (1000,), generator=gen).tolist()
+    jobs: list[tuple[list[int], int, str | None]] = [(long_prompt, 12, None)]
+    jobs += [(torch.randint(3, 200, (10,), generator=gen).tolist(), n, name)
+             for n, name in ((3, "lora"), (7, None), (5, "dora"), (9, "hra"))]
+    handles = []
+    for i, (prompt, n, name) in enumerate(jobs):
+        handles.append(engine.submit(GenerationRequest(
+            prompt=prompt, adapter=spec(name, adapters[name]) if name else None,
+            sampling=SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))))
+        if i % 2:  # later rows join while earlier ones run (and some have left)
+            await asyncio.sleep(0.05)
+    results = await asyncio.gather(*(h.result() for h in handles))
+    for (prompt, n, name), result in zip(jobs, results, strict=True):
+        assert result.token_ids == reference.greedy(adapters[name] if name else None,
+                                                    prompt, n), (len(prompt), name)
