@@ -1,0 +1,193 @@
+"""End-to-end engine throughput beside transformers ``generate``, same model, same run.
+
+    python -m bench.engine_throughput            # ~150M Llama-shaped, 32 x (128 + 128)
+    python -m bench.engine_throughput --reps 3   # median of 3 (systems interleaved)
+
+Model: Llama-shaped, random weights (seeded), hidden 1024, 8 layers, 16 heads, vocab
+32000, fp32 (~170M parameters: big enough that GEMMs, not Python, dominate on a CPU).
+Workload: ``--requests`` requests of ``--prompt`` random token ids, ``--new`` greedy
+tokens each (``ignore_eos``), all submitted at once. Systems:
+
+- ``tessera base``: the engine, no adapter;
+- ``tessera N LoRA``: N distinct rank-16 LoRA adapters on every projection, requests
+  spread round-robin (all resident: ``num_slots`` >= N);
+- ``transformers generate``: one batch of all requests (same length: no padding),
+  ``min_new_tokens == max_new_tokens``, a DynamicCache.
+
+Output tokens/s is ``requests x new / wall time`` (submission to the last token); TTFT p50
+is the engine's median time to each request's first token. Prints a table and writes JSON
+(``bench/results/engine_throughput.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, models
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from adapters import Adapter, Component
+from adapters.methods.lora import LoraConfig
+from engine import AdapterSpec, Engine, GenerationRequest, SamplingParams
+from tests.factories.lora import lora_modules
+from tests.live import HermeticSettings
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_model(args: argparse.Namespace, root: Path) -> LlamaForCausalLM:
+    """The bench model, saved with a word-level tokenizer covering its vocabulary (the
+    engine loads it like any local model)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                         intermediate_size=args.hidden * 11 // 4,
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                         num_key_value_heads=args.hidden // 64, max_position_embeddings=2048,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(root)
+    vocab = {f"t{i}": i for i in range(args.vocab)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
+        vocab, unk_token="t0")), unk_token="t0", pad_token="t0")
+    tokenizer.save_pretrained(root)
+    return model
+
+
+def prompts(args: argparse.Namespace) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(1, args.vocab, (args.prompt,), generator=gen).tolist()
+            for _ in range(args.requests)]
+
+
+def loras(model: LlamaForCausalLM, n: int, rank: int) -> list[Adapter]:
+    gen = torch.Generator().manual_seed(5)
+    config = LoraConfig(r=rank, lora_alpha=float(2 * rank), target_modules=ALL_LINEAR)
+    return [Adapter((Component("lora", config, lora_modules(model, config, gen)),))
+            for _ in range(n)]
+
+
+def spec(i: int, adapter: Adapter) -> AdapterSpec:
+    async def load() -> Adapter:
+        return adapter
+    return AdapterSpec(f"bench-{i}", load)
+
+
+async def run_engine(engine: Engine, args: argparse.Namespace, adapters: list[Adapter]
+                     ) -> dict[str, float]:
+    params = SamplingParams(temperature=0.0, max_tokens=args.new, ignore_eos=True)
+    specs = [spec(i, a) for i, a in enumerate(adapters)]
+    if specs:  # warm the slots: the bench measures serving, not first loads
+        await asyncio.gather(*(engine.submit(GenerationRequest(
+            prompt=[1, 2], adapter=s, sampling=SamplingParams(max_tokens=1, temperature=0.0)))
+            .result() for s in specs))
+    start = time.perf_counter()
+    handles = [engine.submit(GenerationRequest(
+        prompt=p, adapter=specs[i % len(specs)] if specs else None, sampling=params))
+        for i, p in enumerate(prompts(args))]
+    firsts: list[float] = []
+
+    async def consume(handle: Any) -> int:
+        n = 0
+        async for event in handle:
+            if n == 0:
+                firsts.append(time.perf_counter() - start)
+            n += event.token_id is not None
+        return n
+
+    counts = await asyncio.gather(*(consume(h) for h in handles))
+    wall = time.perf_counter() - start
+    assert all(c == args.new for c in counts), counts
+    return {"tok_s": sum(counts) / wall, "ttft_p50_s": statistics.median(firsts),
+            "wall_s": wall}
+
+
+def run_generate(model: LlamaForCausalLM, args: argparse.Namespace) -> dict[str, float]:
+    ids = torch.tensor(prompts(args))  # [R, P]: equal lengths, no padding
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=args.new, min_new_tokens=args.new,
+                             do_sample=False, pad_token_id=0)
+    wall = time.perf_counter() - start
+    return {"tok_s": (out.shape[1] - ids.shape[1]) * ids.shape[0] / wall, "wall_s": wall}
+
+
+async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_model(args, Path(tmp))
+        settings = HermeticSettings(
+            model=tmp, device="cpu", dtype="float32", num_slots=max(args.adapters, 1),
+            max_rank=16, max_batch_rows=args.requests, max_queue=4 * args.requests,
+            context_limit=args.prompt + args.new + 8, hot_max_merged=0,
+            methods=["lora"], max_tokens_limit=args.new, default_max_tokens=args.new)
+        engine = Engine(settings)
+        await engine.start()
+        adapters = loras(model, args.adapters, 16)
+        systems: dict[str, Callable[[], Awaitable[dict[str, float]]]] = {
+            "tessera base": lambda: run_engine(engine, args, []),
+            f"tessera {args.adapters} LoRA r16": lambda: run_engine(engine, args, adapters),
+            "transformers generate": lambda: asyncio.to_thread(run_generate, model, args),
+        }
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
+        try:
+            for _ in range(args.reps):  # interleaved: drift hits every system alike
+                for name, run in systems.items():
+                    results[name].append(await run())
+                    print(f"  {name}: {results[name][-1]['tok_s']:.1f} tok/s", flush=True)
+        finally:
+            await engine.stop(drain_timeout=5)
+    rows = []
+    for name, runs in results.items():
+        row: dict[str, Any] = {"system": name,
+                               "tok_s": statistics.median(r["tok_s"] for r in runs)}
+        if "ttft_p50_s" in runs[0]:
+            row["ttft_p50_s"] = statistics.median(r["ttft_p50_s"] for r in runs)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--out", default="bench/results/engine_throughput.json")
+    args = parser.parse_args()
+    rows = asyncio.run(main_async(args))
+    base = rows[0]["tok_s"]
+    generate = rows[-1]["tok_s"]
+    print(f"\n{args.requests} requests x ({args.prompt} prompt + {args.new} new), Llama "
+          f"hidden {args.hidden} x {args.layers}, vocab {args.vocab}, fp32, "
+          f"{args.threads} threads, {platform.processor() or platform.machine()}, "
+          f"median of {args.reps}")
+    print(f"{'system':<28}{'tok/s':>9}{'vs base':>9}{'vs generate':>13}{'TTFT p50':>10}")
+    for row in rows:
+        ttft = f"{row['ttft_p50_s']:.2f} s" if "ttft_p50_s" in row else "-"
+        print(f"{row['system']:<28}{row['tok_s']:>9.1f}{row['tok_s'] / base:>9.2f}"
+              f"{row['tok_s'] / generate:>13.2f}{ttft:>10}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "machine": platform.platform(),
+                               "torch": torch.__version__,
+                               "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
