@@ -213,7 +213,7 @@ class Stepper:
         cache, attention, positions = group.cache.step_inputs()
         with self._route(group.pooled, [s.slot for s in rows]):  # slot per row [B]
             out = group.model(input_ids=ids, attention_mask=attention,
-                              position_ids=positions, past_key_values=cache, use_cache=True)
+                              position_ids=positions, cache=cache, use_cache=True)
         group.cache.advance()
         return out.logits[:, -1, :]  # type: ignore[no-any-return]  # [B, V]
 
@@ -227,7 +227,7 @@ class Stepper:
                                  device=self.base.device).unsqueeze(0)  # [1, T]
         model = self.model if seq.variant is None else seq.variant
         with self._route(seq.variant is None, [seq.slot]):
-            out = model(input_ids=ids, position_ids=positions, past_key_values=seq.cache,
+            out = model(input_ids=ids, position_ids=positions, cache=seq.cache,
                         use_cache=True, logits_to_keep=1)
         seq.prefilled += len(chunk)
         result.prefill_tokens += len(chunk)
