@@ -10,10 +10,24 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
 _PLAN: ContextVar[SlotPlan | None] = ContextVar("tessera_slot_plan", default=None)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """The tokens of a list of ``U`` active slots grouped by slot and padded to the longest
+    group ``L``: padded row ``u * L + j`` holds the ``j``-th token of ``active[u]``. The
+    SGMV-like forms run ``[U, L, *]`` batched matmuls on it (one adapter per batch entry)."""
+
+    length: int  # L: tokens of the largest group (every group is padded to it)
+    src: torch.Tensor  # [U L] token each padded row reads (padding repeats a group's token)
+    rows: torch.Tensor  # [M] padded row of each token of ``tokens`` (of token i if None)
+    tokens: torch.Tensor | None  # [M] tokens that use an active slot; None = all N, in order
 
 
 class Routing:
@@ -24,12 +38,18 @@ class Routing:
         self.slots = slots  # [N] long, -1 = base only
         self.num_tokens = int(slots.shape[0])
         self.index = torch.where(slots < 0, torch.full_like(slots, num_slots), slots)  # [N]
-        # One host sync per forward (not per layer): the distinct slots of this batch.
-        self.unique: list[int] = [s for s in torch.unique(slots).tolist() if s >= 0]
+        # One host sync per forward (not per layer): the distinct slots of this batch and
+        # how many tokens use each (the banks size their segment forms with it).
+        values, counts = torch.unique(slots, return_counts=True)  # [D], [D]
+        pairs: list[list[int]] = torch.stack([values, counts]).tolist()
+        self.counts: dict[int, int] = {s: c for s, c in zip(*pairs, strict=True) if s >= 0}
+        self.unique: list[int] = list(self.counts)
         self.unique_set = frozenset(self.unique)
         self.gather_budget = gather_budget
+        self.num_slots = num_slots
         self._rows: dict[int, torch.Tensor] = {}
         self._membership: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._segments: dict[tuple[int, ...], Segments] = {}
 
     def rows(self, slot: int) -> torch.Tensor:
         """Token positions ``[n_s]`` that use ``slot`` (cached for all layers)."""
@@ -38,7 +58,6 @@ class Routing:
             found = torch.nonzero(self.slots == slot).flatten()
             self._rows[slot] = found
         return found
-
 
     def membership(self, active: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(slots [U], onehot [N, U])`` for a list of active slots; ``onehot[i, u]`` is 1
@@ -49,6 +68,46 @@ class Routing:
             slots = torch.tensor(active, dtype=torch.long, device=self.slots.device)
             found = (slots, (self.slots.unsqueeze(1) == slots.unsqueeze(0)))  # [U], [N, U]
             self._membership[key] = found
+        return found
+
+    def segment_length(self, active: list[int]) -> int:
+        """``L``: the most tokens any of ``active`` has in this batch (host-side, no sync)."""
+        return max((self.counts.get(s, 0) for s in active), default=0)
+
+    def segments(self, active: list[int]) -> Segments:
+        """:class:`Segments` for a list of active slots (cached: the banks of a batch share
+        lists). Built on the device from the host-side counts: no host sync."""
+        key = tuple(active)
+        found = self._segments.get(key)
+        if found is not None:
+            return found
+        u, length = len(active), self.segment_length(active)
+        device = self.slots.device
+        counts = [self.counts.get(s, 0) for s in active]  # host: tokens of each active slot
+        if not all(counts):
+            raise ValueError(f"active slots {active} include one no token of the batch uses")
+        routed = sum(counts)  # M
+        starts = torch.tensor([0, *accumulate(counts[:-1])], dtype=torch.long,
+                              device=device)  # [U] first sorted position of each group
+        slots, _ = self.membership(active)  # [U]
+        lut = torch.full((self.num_slots + 1,), u, dtype=torch.long, device=device)
+        lut[slots] = torch.arange(u, device=device)  # slot -> its position in ``active``
+        group = lut[self.index]  # [N] position of each token's slot; U = not routed here
+        order = torch.argsort(group, stable=True)  # [N] routed tokens first, by group
+        tokens = order[:routed]  # [M]
+        sorted_group = group[tokens]  # [M]
+        rank = torch.arange(routed, device=device) - starts[sorted_group]  # [M] in-group
+        rows = sorted_group * length + rank  # [M] padded row of each sorted token
+        # padding rows repeat their group's first token; what they compute is dropped
+        src = order[starts].repeat_interleave(length)  # [U L]
+        src[rows] = tokens
+        if routed == self.num_tokens:  # every token routed: address rows in token order
+            by_token = torch.empty_like(rows)  # [N]
+            by_token[tokens] = rows
+            found = Segments(length, src, by_token, None)
+        else:
+            found = Segments(length, src, rows, tokens)
+        self._segments[key] = found
         return found
 
 

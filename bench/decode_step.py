@@ -8,6 +8,15 @@ are what to compare (one run, one machine, side by side).
 
     python -m bench.decode_step                # defaults used for the README table
     python -m bench.decode_step --reps 5 --counts 1,8 --methods lora,hra   # quick look
+
+``--sweep``: LoRA r16 on every projection only, batch 64 over 1, 4, 16 and 64 distinct
+adapters on hidden 1024; the base and the adapter steps are timed alternately (drift hits
+both) and the ratio per count is printed and written to JSON. ``--forms``: the low-rank
+bank's gather-mode forms timed one module at a time on the same shape (the numbers behind
+``adapters.banks.lowrank.choose_form``).
+
+    python -m bench.decode_step --sweep        # issue 8's table
+    python -m bench.decode_step --forms --reps 10
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,9 +37,13 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from adapters import PoolConfig, SlotPool, registry
+from adapters import Adapter, Component, PoolConfig, SlotPool, registry
+from adapters.banks.lowrank import LowRankBank, choose_form
+from adapters.methods.lora import LoraConfig
 from adapters.peft_io import load_peft_dir
+from adapters.plan import Routing
 from tests.factories import FACTORIES
+from tests.factories.lora import lora_modules
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -73,6 +87,112 @@ def median_ms(fn: Callable[[], None], reps: int) -> float:
     return statistics.median(times)
 
 
+def paired_ms(fns: dict[str, Callable[[], object]], reps: int,
+              stat: Callable[[list[float]], float] = statistics.median) -> dict[str, float]:
+    """Median (or ``stat``) ms of each function, timed in turns (one call of each per
+    round), so that a machine slowing down mid-run slows all of them alike."""
+    for fn in fns.values():
+        for _ in range(2):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: stat(t) for name, t in times.items()}
+
+
+def lora_adapters(model: torch.nn.Module, n: int, rank: int,
+                  targets: list[str] = ALL_LINEAR) -> list[Adapter]:
+    """``n`` random rank-``rank`` LoRA adapters on ``targets`` (every projection)."""
+    gen = torch.Generator().manual_seed(5)
+    config = LoraConfig(r=rank, lora_alpha=float(2 * rank), target_modules=targets)
+    return [Adapter((Component("lora", config, lora_modules(model, config, gen)),))
+            for _ in range(n)]
+
+
+def sweep(args: argparse.Namespace, counts: list[int]) -> list[dict[str, object]]:
+    """Decode step with LoRA on every projection over ``counts`` distinct adapters vs the
+    base step, timed alternately."""
+    model = build_model(args)
+    base = copy.deepcopy(model)  # the unwrapped twin the base step runs on
+    pool = SlotPool(model, PoolConfig(num_slots=max(counts), max_rank=args.rank,
+                                      gather_budget=args.gather_budget))
+    for slot, adapter in enumerate(lora_adapters(base, max(counts), args.rank)):
+        pool.load(slot, adapter)
+    base_step = DecodeStep(base, args.batch, args.prompt)
+    step = DecodeStep(model, args.batch, args.prompt)
+    rows: list[dict[str, object]] = []
+    for n in counts:
+        slots = [i % n for i in range(args.batch)]
+
+        def pooled(slots: list[int] = slots) -> None:
+            with pool.use(slots):
+                step.run()
+
+        ms = paired_ms({"base": base_step.run, "lora": pooled}, args.reps)
+        rows.append({"method": f"lora r{args.rank} all-linear", "adapters": n,
+                     "ms": ms["lora"], "base_ms": ms["base"],
+                     "vs_base": ms["lora"] / ms["base"]})
+    return rows
+
+
+def forms(args: argparse.Namespace, counts: list[int]) -> list[dict[str, object]]:
+    """Every gather-mode form of the low-rank bank on two modules of layer 0, for balanced
+    and skewed slot assignments; ``pick`` is what ``choose_form`` runs."""
+    model = build_model(args)
+    slots_max, targets = max(max(counts), 32), ["q_proj", "gate_proj"]
+    pool = SlotPool(model, PoolConfig(num_slots=slots_max, max_rank=args.rank,
+                                      target_modules=targets, methods=["lora"],
+                                      gather_budget=1 << 40))
+    for slot, adapter in enumerate(lora_adapters(model, slots_max, args.rank, targets)):
+        pool.load(slot, adapter)
+    n = args.batch
+    cases = {f"{u} even": [i % u for i in range(n)] for u in counts}
+    for u in (9, 32):  # one slot takes the rest, u - 1 slots have one token each
+        if u <= n:
+            cases[f"{u} skewed"] = [0] * (n - u + 1) + list(range(1, u))
+    gen = torch.Generator().manual_seed(3)
+    rows: list[dict[str, object]] = []
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj"):
+        layer = pool.layers[path]
+        bank = layer.by_kind["lowrank"]
+        assert isinstance(bank, LowRankBank)
+        x = torch.randn(n, layer.target.in_features, generator=gen)  # [N, in]
+        h = layer.base(x)  # [N, out]
+        for name, ids in cases.items():
+            routing = Routing(torch.tensor(ids), slots_max, gather_budget=1 << 40)
+            active = bank.active(routing)
+            ms = paired_ms({
+                "base": partial(layer.base, x),
+                "stacked": partial(bank.apply_stacked, routing, active, h, x),
+                "stacked uncached": partial(bank.apply_stacked, routing, active, h, x,
+                                            cached=False),
+                "segment": partial(bank.apply_segment, routing, active, h, x),
+                "per-token": partial(bank.apply_per_token, routing, active, h, x)},
+                args.reps, stat=min)  # best of: the forms' own cost, not the neighbours'
+
+            rows.append({"module": path.rsplit(".", 1)[1], "case": name,
+                         "U": len(active), "L": routing.segment_length(active),
+                         "pick": choose_form(n, len(active), routing.segment_length(active)),
+                         **{k: v * 1e3 for k, v in ms.items()}})  # us
+    return rows
+
+
+def header(args: argparse.Namespace) -> str:
+    return (f"decode step, batch {args.batch}, prompt {args.prompt}, Llama-shaped "
+            f"hidden {args.hidden} x {args.layers} layers, fp32, {args.threads} threads, "
+            f"{platform.processor() or platform.machine()}")
+
+
+def write_json(args: argparse.Namespace, default: str, rows: list[dict[str, object]]) -> None:
+    out = Path(args.out or default)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "machine": platform.platform(),
+                               "torch": torch.__version__, "rows": rows}, indent=2))
+
+
 def peft_lora_dir(model: torch.nn.Module, n: int, rank: int, root: Path) -> list[Path]:
     """``n`` random rank-``rank`` LoRA adapters on every projection, saved as PEFT does."""
     dirs = []
@@ -88,22 +208,51 @@ def peft_lora_dir(model: torch.nn.Module, n: int, rank: int, root: Path) -> list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=None, help="512; 1024 with --sweep")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=None, help="32; 64 with --sweep")
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16, help="rank of the PEFT-compared LoRA")
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--counts", default="1,8,32")
+    parser.add_argument("--counts", default=None, help="1,8,32; 1,4,16,64 with --sweep")
     parser.add_argument("--methods", default=",".join(registry.all_names()))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gather-budget", type=int, default=PoolConfig().gather_budget,
                         help="PoolConfig.gather_budget (0 = always segment mode)")
-    parser.add_argument("--out", default="bench/results/decode_step.json")
+    parser.add_argument("--sweep", action="store_true",
+                        help="LoRA only: step vs base over 1, 4, 16, 64 distinct adapters")
+    parser.add_argument("--forms", action="store_true",
+                        help="time the low-rank bank's gather-mode forms per module")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default bench/results/decode_step[_sweep|_forms].json)")
     args = parser.parse_args()
+    issue8 = args.sweep or args.forms
+    args.hidden = args.hidden or (1024 if issue8 else 512)
+    args.batch = args.batch or (64 if issue8 else 32)
+    args.counts = args.counts or ("1,4,16,64" if issue8 else "1,8,32")
     torch.set_num_threads(args.threads)
     counts = [int(c) for c in args.counts.split(",")]
     methods = args.methods.split(",")
+    if args.sweep:
+        rows = sweep(args, counts)
+        print(header(args))
+        print(f"{'method':28} {'adapters':>8} {'base ms':>8} {'ms':>8} {'vs base':>8}")
+        for row in rows:
+            print(f"{row['method']!s:28} {row['adapters']!s:>8} {row['base_ms']:8.2f} "
+                  f"{row['ms']:8.2f} {row['vs_base']:8.2f}")
+        write_json(args, "bench/results/decode_step_sweep.json", rows)
+        return
+    if args.forms:
+        rows = forms(args, counts)
+        print(header(args) + "; best-of-reps microseconds per module, layer 0")
+        names = ["base", "stacked", "stacked uncached", "segment", "per-token"]
+        print(f"{'module':10} {'case':10} {'U':>3} {'L':>3} {'pick':>9} "
+              + " ".join(f"{n:>16}" for n in names))
+        for row in rows:
+            print(f"{row['module']!s:10} {row['case']!s:10} {row['U']!s:>3} {row['L']!s:>3} "
+                  f"{row['pick']!s:>9} " + " ".join(f"{row[n]:16.0f}" for n in names))
+        write_json(args, "bench/results/decode_step_forms.json", rows)
+        return
 
     base_model = build_model(args)
     pristine = copy.deepcopy(base_model)
@@ -149,18 +298,13 @@ def main() -> None:
                 ms = median_ms(step.run, args.reps)
             rows.append({"method": method, "adapters": n, "ms": ms, "vs_base": ms / base_ms})
 
-    print(f"decode step, batch {args.batch}, prompt {args.prompt}, Llama-shaped "
-          f"hidden {args.hidden} x {args.layers} layers, fp32, {args.threads} threads, "
-          f"{platform.processor() or platform.machine()}")
+    print(header(args))
     print(f"{'method':28} {'adapters':>8} {'ms':>8} {'vs base':>8} {'vs PEFT':>8}")
     for row in rows:
         vs_peft = f"{row['vs_peft']:.2f}" if "vs_peft" in row else "-"
         print(f"{row['method']!s:28} {row['adapters']!s:>8} {row['ms']:8.2f} "
               f"{row['vs_base']:8.2f} {vs_peft:>8}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "machine": platform.platform(),
-                               "torch": torch.__version__, "rows": rows}, indent=2))
+    write_json(args, "bench/results/decode_step.json", rows)
 
 
 if __name__ == "__main__":

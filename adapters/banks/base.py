@@ -2,7 +2,10 @@
 module. Row ``num_slots`` is the null slot (always cleared) that base-only tokens gather.
 
 Writing a slot copies into that slot's rows only (zero/one padded), evicting refills them:
-neither touches another slot nor allocates device memory.
+neither touches another slot nor allocates device memory. :meth:`Bank.write` and
+:meth:`Bank.clear` are the only writers of the bank tensors; both end in
+:meth:`Bank.slot_changed`, where a bank drops whatever it derived from that slot (the
+low-rank bank's stacked factors).
 
 Two execution modes share one bank:
 - *segment* (SGMV-like): loop over the distinct slots present, one dense op per slot on
@@ -68,22 +71,35 @@ class Bank(ABC):
             raise PoolError(f"{self.target.path}: bank {self.kind!r} needs tensor "
                             f"{self.rank_tensor[0]!r}")
         self.clear(slot)
-        for name, src in data.tensors.items():
-            self.t[name][slot][tuple(slice(0, n) for n in src.shape)].copy_(src)
-        if self.rank_tensor is not None:
-            name, dim = self.rank_tensor
-            self.slot_rank[slot] = int(data.tensors[name].shape[dim])
-        self.slot_meta[slot] = dict(data.meta)
-        self.occupied.add(slot)
+        try:
+            for name, src in data.tensors.items():
+                self.t[name][slot][tuple(slice(0, n) for n in src.shape)].copy_(src)
+            if self.rank_tensor is not None:
+                name, dim = self.rank_tensor
+                self.slot_rank[slot] = int(data.tensors[name].shape[dim])
+            self.slot_meta[slot] = dict(data.meta)
+            self.occupied.add(slot)
+        finally:
+            # again after the copy (clear already did before it): anything derived while
+            # the rows were being written is dropped too
+            self.slot_changed(slot)
 
     def clear(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
             raise PoolError(f"slot {slot} out of range [0, {self.num_slots})")
-        for name, tensor in self.t.items():
-            tensor[slot].fill_(self.fills[name])
-        self.slot_rank[slot] = 0
-        self.slot_meta[slot] = {}
-        self.occupied.discard(slot)
+        try:
+            for name, tensor in self.t.items():
+                tensor[slot].fill_(self.fills[name])
+            self.slot_rank[slot] = 0
+            self.slot_meta[slot] = {}
+            self.occupied.discard(slot)
+        finally:
+            self.slot_changed(slot)
+
+    def slot_changed(self, slot: int) -> None:
+        """Called after every write or clear of ``slot`` (failed ones included): drop any
+        state derived from the slot's rows. The base bank derives nothing."""
+        return None
 
     def active(self, routing: Routing) -> list[int]:
         return [s for s in routing.unique if s in self.occupied]

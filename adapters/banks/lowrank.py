@@ -2,14 +2,66 @@
 
 The method's scale is folded into ``B`` when lowering, so the bank is scale-free.
 
-Gather mode has two forms, chosen by how many distinct slots ``U`` the ``N`` tokens use:
-- *stacked* (``2 U <= N``): the active slots' factors are read once and stacked,
-  ``H = X A_stack^T`` ``[N, U r]``, masked to each token's own block, ``Y = H B_stack``:
-  two GEMMs reading each adapter once (what makes decode with a few hot adapters cheap);
-- *per-token* (``U`` close to ``N``): gather each token's ``A``, ``B`` and run two bmm.
+Gather mode (``N`` tokens over ``U`` distinct active slots, ``r`` = the largest rank among
+them, ``L`` = the most tokens any one of them has) has three forms:
+
+- *stacked*: ``H = X A_stack^T`` ``[N, U r]``, masked to each token's own block,
+  ``Y = H B_stack^T`` ``[N, out]``. Two large GEMMs, but every token meets every active
+  adapter: ``N U r (in + out)`` MACs.
+- *segment* (SGMV-like): tokens grouped by slot and padded to ``[U, L, in]``, two ``bmm``
+  with one adapter per batch entry: ``U L r (in + out)`` MACs (``= N r (in + out)`` when
+  the slots share the batch evenly), plus a gather of ``X`` and a select of ``Y``. (The
+  bank's segment *mode*, ``gather_budget`` exceeded, loops over slots in Python instead.)
+- *per-token* (BGMV-like): gather each token's ``A``, ``B`` (``N r (in + out)`` elements
+  copied) and run two ``bmm`` of matrix-vector products. Needs no stacked factors.
+
+Stacked and segment read the active factors from a :class:`StackCache`: ``A_stack``
+``[U, r, in]`` and ``B_stack^T`` ``[U, r, out]``, contiguous, built (index_select + one
+transpose copy) the first time a set of active slots is seen and reused while the set is
+unchanged, which is every decode step between joins and leaves. A write or eviction of a
+slot drops every set holding it (:meth:`LowRankBank.slot_changed`, called by the bank's
+only writers, ``Bank.write`` / ``Bank.clear``); at most ``STACK_ENTRIES`` sets and the
+bank's own element count are kept (worst case the bank's memory doubles). Ranks are
+padded to the largest active rank: adapters of lower rank waste the difference (zero
+rows), accepted.
+
+Rule (:func:`choose_form`): the cheapest by estimated cost, in units of one stacked row
+(``r (in + out)`` MACs of the large GEMMs): stacked ``N U``; segment ``(1.4 L + 8) U``
+(a padded row costs ~1.4 stacked rows in ``bmm``; each slot adds a batch entry, dominant
+when ``L`` is 1); per-token ``20 N`` (the gather writes ``N r (in + out)`` elements into
+fresh memory). Fitted to ``python -m bench.decode_step --forms --counts 1,2,4,16,64
+--reps 20``: hidden 1024 Llama-like, batch 64, r 16, fp32, 2 threads on a 2-core AMD EPYC
+*shared with other jobs while measured*; best-of-20 microseconds per module, q_proj
+``[1024 -> 1024]`` / gate_proj ``[1024 -> 2730]`` (their base GEMMs ~1000 / ~2700)::
+
+    U   L  pick       stacked    (uncached)     segment    per-token
+    1  64  stacked    152 /  225  182 /  255  140 /  202  2865 /  941
+    2  32  segment    179 /  292  233 /  337  113 /  186  2794 /  918
+    4  16  segment    218 /  415  269 /  488  109 /  171  2861 /  932
+    16  4  segment    556 / 1159  745 / 1568  144 /  275  2890 / 1037
+    64  1  segment   2099 / 4074 6518 / 6397  378 /  689  3016 / 1413
+    9  56  stacked    329 /  758  444 /  923  394 /  749   305 /  879  (1 slot 56 tokens,
+    32 33  per-token 1105 / 2134 1448 / 3113 1436 / 1971  2538 /  937   the others 1 each)
+
+Per-token's time is bimodal on CPU (305 or ~2900 us on q_proj: whether glibc hands its
+4 MB gathers fresh, page-faulting memory); so its weight is round and the form is picked
+only at the extreme (``U > 20`` and ``U L >> N``). The whole decode step (4 layers, every
+projection, best of 5, vs base) with each form forced agrees with the picks: 16 even
+1.35 / 1.11 / 1.39 (stacked / segment / per-token), 64 even 2.36 / 1.26 / 1.49, 9 skewed
+1.25 / 1.31 / 1.36, 32 skewed 1.68 / 1.62 / 1.44. ``--sweep --reps 10`` (1 / 4 / 16 / 64
+adapters round-robin), run back to back: before (``2 U <= N``: uncached stacked, else
+per-token) 1.06 / 1.15 / 1.53 / 2.06, after 1.09 / 1.10 / 1.13 / 1.21 (one adapter never
+reaches gather mode: ``apply_slot`` either way, the difference is noise). One slot alone
+never takes gather mode either, so the ``U = 1`` row is for reference.
 """
 
 from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -18,6 +70,94 @@ from adapters.method import Limits
 from adapters.plan import Routing
 from adapters.targets import TargetInfo
 
+Form = Literal["stacked", "segment", "per-token"]
+
+# Relative cost per row of r (in + out) MACs (see the module docstring for the fit).
+STACKED_ROW = 1.0  # per (token, active slot) pair: two large GEMMs
+SEGMENT_ROW = 1.4  # per padded (slot, position) row: bmm over U small matrices
+SEGMENT_SLOT = 8.0  # per active slot: one bmm batch entry (dominant when L is 1)
+PER_TOKEN_ROW = 20.0  # per token: copying its A and B (fresh memory), matrix-vector bmm
+
+STACK_ENTRIES = 4  # active sets kept per bank (decode alternates between few)
+
+
+def choose_form(num_tokens: int, num_active: int, length: int) -> Form:
+    """The cheapest gather-mode form for ``num_tokens`` tokens over ``num_active`` slots
+    whose largest group has ``length`` tokens (ties: stacked, then segment)."""
+    costs: dict[Form, float] = {
+        "stacked": STACKED_ROW * num_tokens * num_active,
+        "segment": (SEGMENT_ROW * length + SEGMENT_SLOT) * num_active,
+        "per-token": PER_TOKEN_ROW * num_tokens,
+    }
+    return min(costs, key=costs.__getitem__)
+
+
+@dataclass(frozen=True)
+class Stack:
+    """The factors of ``U`` active slots in the layouts the GEMMs read (no transposed
+    copy per step): ``a`` viewed ``[U r, in]`` is ``A_stack``, ``bt`` viewed ``[U r, out]``
+    is ``B_stack^T``."""
+
+    a: torch.Tensor  # [U, r, in]
+    bt: torch.Tensor  # [U, r, out]
+
+    @property
+    def numel(self) -> int:
+        return self.a.numel() + self.bt.numel()
+
+
+class StackCache:
+    """Stacked factors by tuple of active slots: an LRU of ``entries`` sets holding at most
+    ``budget`` elements together. :meth:`invalidate` drops every set holding a slot; a
+    stack built while an invalidation happened is returned but not kept, so the cache
+    never serves factors older than the last write."""
+
+    def __init__(self, budget: int, entries: int = STACK_ENTRIES) -> None:
+        self.budget = budget
+        self.max_entries = entries
+        self.entries: OrderedDict[tuple[int, ...], Stack] = OrderedDict()
+        self.numel = 0
+        self.hits = 0
+        self.misses = 0
+        self._generation = 0  # bumped by every invalidation
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, ...], build: Callable[[], Stack]) -> Stack:
+        with self._lock:
+            found = self.entries.get(key)
+            if found is not None:
+                self.entries.move_to_end(key)
+                self.hits += 1
+                return found
+            self.misses += 1
+            generation = self._generation
+        stack = build()
+        with self._lock:
+            if generation == self._generation and key not in self.entries \
+                    and stack.numel <= self.budget:
+                self.entries[key] = stack
+                self.numel += stack.numel
+                while self.numel > self.budget or len(self.entries) > self.max_entries:
+                    _, old = self.entries.popitem(last=False)
+                    self.numel -= old.numel
+        return stack
+
+    def invalidate(self, slot: int) -> None:
+        with self._lock:
+            self._generation += 1
+            for key in [key for key in self.entries if slot in key]:
+                self.numel -= self.entries.pop(key).numel
+
+    def __getstate__(self) -> dict[str, object]:
+        """A copied (deepcopy, pickle) cache starts empty: its entries were built from the
+        original bank's tensors, and a lock cannot be copied."""
+        return {"budget": self.budget, "max_entries": self.max_entries}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        budget, entries = state["budget"], state["max_entries"]
+        assert isinstance(budget, int) and isinstance(entries, int)
+        self.__init__(budget, entries)  # type: ignore[misc]
+
 
 class LowRankBank(Bank):
     kind = "lowrank"
@@ -25,11 +165,35 @@ class LowRankBank(Bank):
     fills = {"A": 0.0, "B": 0.0}
     rank_tensor = ("A", 0)
 
+    def __init__(self, num_slots: int, target: TargetInfo, limits: Limits,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(num_slots, target, limits, dtype, device)
+        # at most the bank's own size: worst case, the pool's memory doubles
+        self.stacks = StackCache(budget=self.t["A"].numel() + self.t["B"].numel())
+
     @classmethod
     def shapes(cls, target: TargetInfo, limits: Limits) -> dict[str, tuple[int, ...]]:
         return {"A": (limits.max_rank, target.in_features),   # [r_max, in]
                 "B": (target.out_features, limits.max_rank)}  # [out, r_max]
 
+    def slot_changed(self, slot: int) -> None:
+        self.stacks.invalidate(slot)
+
+    # --- stacked factors ------------------------------------------------------------------
+    def build_stack(self, active: list[int]) -> Stack:
+        """Uncached: gather and lay out the active slots' factors (a cache miss)."""
+        r = self.max_rank(active)
+        slots = torch.tensor(active, dtype=torch.long, device=self.t["A"].device)  # [U]
+        a = self.t["A"][:, :r].index_select(0, slots)  # [U, r, in]
+        b = self.t["B"][:, :, :r].index_select(0, slots)  # [U, out, r]
+        return Stack(a, b.transpose(1, 2).contiguous())  # [U, r, in], [U, r, out]
+
+    def stack(self, active: list[int], cached: bool = True) -> Stack:
+        if not cached:
+            return self.build_stack(active)
+        return self.stacks.get(tuple(active), lambda: self.build_stack(active))
+
+    # --- forms ----------------------------------------------------------------------------
     def apply_slot(self, slot: int, h: torch.Tensor, x: torch.Tensor,
                    weight: torch.Tensor) -> torch.Tensor:
         r = self.slot_rank[slot]
@@ -39,27 +203,55 @@ class LowRankBank(Bank):
 
     def apply_tokens(self, routing: Routing, active: list[int], h: torch.Tensor,
                      x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if 2 * len(active) <= routing.num_tokens:
+        form = choose_form(routing.num_tokens, len(active), routing.segment_length(active))
+        if form == "stacked":
             return self.apply_stacked(routing, active, h, x)
+        if form == "segment":
+            return self.apply_segment(routing, active, h, x)
         return self.apply_per_token(routing, active, h, x)
 
     def apply_stacked(self, routing: Routing, active: list[int], h: torch.Tensor,
-                      x: torch.Tensor) -> torch.Tensor:
-        r, u = self.max_rank(active), len(active)
-        slots, onehot = routing.membership(active)  # [U], [N, U]
-        a = self.t["A"].index_select(0, slots)[:, :r].reshape(u * r, -1)  # [U r, in]
-        b = self.t["B"].index_select(0, slots)[:, :, :r]  # [U, out, r]
-        b = b.transpose(0, 1).reshape(b.shape[1], u * r)  # [out, U r]
-        low = (x @ a.t()).view(-1, u, r)  # [N, U, r]: every token against every active A
-        # keep each token's own slot block; masked_fill, not a multiply: an overflow in
-        # another tenant's block (inf * 0 = NaN) must not reach this token
+                      x: torch.Tensor, cached: bool = True) -> torch.Tensor:
+        stack = self.stack(active, cached)
+        u, r = stack.a.shape[0], stack.a.shape[1]
+        _, onehot = routing.membership(active)  # [N, U]
+        low = (x @ stack.a.view(u * r, -1).t()).view(-1, u, r)  # [N, U, r]: every token
+        # against every active A. Keep each token's own slot block; masked_fill, not a
+        # multiply: an overflow in another tenant's block (inf * 0 = NaN) must not reach
+        # this token
         low = low.masked_fill(~onehot.unsqueeze(-1), 0.0)
-        return torch.addmm(h, low.view(-1, u * r), b.t())  # [N, out]
+        return torch.addmm(h, low.view(-1, u * r), stack.bt.view(u * r, -1))  # [N, out]
+
+    def apply_segment(self, routing: Routing, active: list[int], h: torch.Tensor,
+                      x: torch.Tensor, cached: bool = True) -> torch.Tensor:
+        stack = self.stack(active, cached)
+        seg = routing.segments(active)
+        u = len(active)
+        xp = x.index_select(0, seg.src).view(u, seg.length, -1)  # [U, L, in]
+        low = torch.bmm(xp, stack.a.transpose(1, 2))  # [U, L, r]
+        yp = torch.bmm(low, stack.bt).view(u * seg.length, -1)  # [U L, out]
+        # only the real rows come back: a padding row (or another slot's) never reaches h
+        delta = yp.index_select(0, seg.rows)  # [M, out]
+        if seg.tokens is None:
+            return h + delta  # [N, out]
+        return h.index_add(0, seg.tokens, delta)  # [N, out]
 
     def apply_per_token(self, routing: Routing, active: list[int], h: torch.Tensor,
                         x: torch.Tensor) -> torch.Tensor:
         r = self.max_rank(active)
-        a = self.t["A"][routing.index, :r]  # [N, r, in]
-        b = self.t["B"][routing.index, :, :r]  # [N, out, r]
-        low = torch.bmm(a, x.unsqueeze(-1))  # [N, r, 1]
-        return h + torch.bmm(b, low).squeeze(-1)  # [N, out]
+        # index_select, not advanced indexing: on CPU ``t[index, :r]`` is ~5x slower
+        a = self.t["A"][:, :r].index_select(0, routing.index)  # [N, r, in]
+        b = self.t["B"][:, :, :r].index_select(0, routing.index)  # [N, out, r]
+        low = torch.bmm(x.unsqueeze(1), a.transpose(1, 2))  # [N, 1, r]
+        return h + torch.bmm(low, b.transpose(1, 2)).squeeze(1)  # [N, out]
+
+    def reference(self, routing: Routing, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Plain-torch reference of every form: one token at a time, ``h + B (A x)``."""
+        out = h.clone()  # [N, out]
+        for i, slot in enumerate(routing.slots.tolist()):
+            if slot in self.occupied:
+                r = self.slot_rank[slot]
+                a = self.t["A"][slot, :r]  # [r, in]
+                b = self.t["B"][slot, :, :r]  # [out, r]
+                out[i] += b @ (a @ x[i])
+        return out
