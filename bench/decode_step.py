@@ -67,12 +67,12 @@ class DecodeStep:
         ids = torch.randint(0, 4096, (batch, prompt), generator=gen)
         self.cache = DynamicCache()
         with torch.no_grad():
-            model(input_ids=ids, past_key_values=self.cache, use_cache=True)
+            model(input_ids=ids, cache=self.cache, use_cache=True)
         self.next_ids = torch.randint(0, 4096, (batch, 1), generator=gen)
 
     @torch.no_grad()
     def run(self, **kwargs: object) -> None:
-        self.model(input_ids=self.next_ids, past_key_values=self.cache, use_cache=True, **kwargs)
+        self.model(input_ids=self.next_ids, cache=self.cache, use_cache=True, **kwargs)
         self.cache.crop(-1)  # drop the token just decoded: every step sees the same cache
 
 

@@ -86,10 +86,11 @@ async def run_engine(engine: Engine, args: argparse.Namespace, adapters: list[Ad
                      ) -> dict[str, float]:
     params = SamplingParams(temperature=0.0, max_tokens=args.new, ignore_eos=True)
     specs = [spec(i, a) for i, a in enumerate(adapters)]
-    if specs:  # warm the slots: the bench measures serving, not first loads
-        await asyncio.gather(*(engine.submit(GenerationRequest(
-            prompt=[1, 2], adapter=s, sampling=SamplingParams(max_tokens=1, temperature=0.0)))
-            .result() for s in specs))
+    # warm up (first forwards, allocations) and fill the slots: the bench measures
+    # serving, not first loads
+    await asyncio.gather(*(engine.submit(GenerationRequest(
+        prompt=[1, 2], adapter=s, sampling=SamplingParams(max_tokens=2, temperature=0.0)))
+        .result() for s in [None, *specs]))
     start = time.perf_counter()
     handles = [engine.submit(GenerationRequest(
         prompt=p, adapter=specs[i % len(specs)] if specs else None, sampling=params))
