@@ -32,7 +32,7 @@ from transformers import DynamicCache
 from adapters import SlotPool
 from engine.detok import TextStream
 from engine.errors import RowError, StepError
-from engine.kvcache import BatchCache, cache_tensors
+from engine.kvcache import KV, BatchCache, cache_tensors
 from engine.model import LoadedModel
 from engine.requests import FinishReason, RequestHandle, TokenEvent
 from engine.sampling import NonFiniteLogitsError, Picked, Sampler, pick_batch
@@ -160,9 +160,9 @@ class Stepper:
         for group in self.groups:
             if group.rows:
                 self._decode_group(group, result)
-        for seq, count in plan.prefill:
-            if seq.key is not None and seq.key in failed_keys:
-                continue
+        prefill = [(seq, count) for seq, count in plan.prefill
+                   if seq.key is None or seq.key not in failed_keys]
+        for seq, count in self._prefill_together(prefill, result):
             try:
                 self._prefill(seq, count, result)
             except Exception as exc:  # one request's forward: it fails alone
@@ -216,6 +216,65 @@ class Stepper:
                               position_ids=positions, cache=cache, use_cache=True)
         group.cache.advance()
         return out.logits[:, -1, :]  # type: ignore[no-any-return]  # [B, V]
+
+    def _prefill_together(self, prefill: list[tuple[Row, int]], result: StepResult
+                          ) -> list[tuple[Row, int]]:
+        """Prefill in ONE forward every joining row whose whole prompt runs this step (the
+        slot pool's rows; a merged variant's run alone); returns the rest, for one forward
+        each. If that forward fails, its rows go back to the rest: each then fails alone,
+        or not at all."""
+        whole = [seq for seq, count in prefill
+                 if seq.variant is None and seq.prefilled == 0 and count == len(seq.prompt)]
+        if len(whole) < 2:
+            return prefill
+        try:
+            logits, kv = self._prefill_forward(whole)
+        except Exception as exc:
+            log.warning("batched prefill failed; prefilling its rows one by one",
+                        extra={"rows": len(whole), "error": repr(exc)})
+            return prefill
+        picked = pick_batch(logits, [s.sampler for s in whole])  # one host transfer
+        for b, seq in enumerate(whole):
+            length = len(seq.prompt)
+            seq.prefilled = length
+            result.prefill_tokens += length
+            result.request_ids.append(seq.request_id)
+            result.adapters.append(seq.key)
+            result.merged.append(False)
+            if self._take(seq, picked, b, result, "prefill") and seq.finish is None:
+                group = self._group(seq)
+                group.cache.add([(k[b:b + 1], v[b:b + 1]) for k, v in kv], length)
+                group.rows.append(seq)
+                result.joined.append(seq)
+        done = set(whole)
+        return [(seq, count) for seq, count in prefill if seq not in done]
+
+    def _prefill_forward(self, rows: list[Row]) -> tuple[torch.Tensor, list[KV]]:
+        """Whole prompts of ``rows`` as one right-padded batch ``[B, W]``: each row attends
+        causally to its own tokens only (a 4-D mask), at its real positions. Returns each
+        row's last-token logits ``[B, V]`` and the per-layer keys/values ``[B, H, W, D]``
+        (padding beyond each row's length is dropped when the rows join)."""
+        device, dtype = self.base.device, self.base.dtype
+        lengths = [len(s.prompt) for s in rows]
+        width = max(lengths)
+        ids = torch.tensor([s.prompt + [0] * (width - len(s.prompt)) for s in rows],
+                           dtype=torch.long, device=device)  # [B, W]
+        span = torch.arange(width, device=device)  # [W]
+        real = span.unsqueeze(0) < torch.tensor(lengths, device=device).unsqueeze(1)  # [B, W]
+        causal = span.unsqueeze(1) >= span.unsqueeze(0)  # [W, W]: query q sees keys <= q
+        attend = causal.unsqueeze(0) & real.unsqueeze(1)  # [B, W, W]
+        mask = torch.zeros(attend.shape, dtype=dtype, device=device).masked_fill(
+            ~attend, torch.finfo(dtype).min).unsqueeze(1)  # [B, 1, W, W] additive
+        last = sorted({n - 1 for n in lengths})  # positions whose logits are needed
+        cache = DynamicCache()
+        with self._route(True, [s.slot for s in rows]):  # slot per row [B]
+            out = self.model(input_ids=ids, attention_mask=mask,
+                             position_ids=span.unsqueeze(0).expand(len(rows), width),
+                             cache=cache, use_cache=True,
+                             logits_to_keep=torch.tensor(last, device=device))
+        column = torch.tensor([last.index(n - 1) for n in lengths], device=device)  # [B]
+        logits = out.logits[torch.arange(len(rows), device=device), column]  # [B, V]
+        return logits, cache_tensors(cache)
 
     def _prefill(self, seq: Row, count: int, result: StepResult) -> None:
         start = seq.prefilled

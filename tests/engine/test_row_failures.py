@@ -128,3 +128,40 @@ async def test_a_decode_forward_that_keeps_failing_fails_its_rows_only(
     broken[0] = False  # the engine is still up: the next request runs normally
     after = await engine.submit(GenerationRequest(prompt=PROMPTS[4], sampling=GREEDY)).result()
     assert after.token_ids == reference.greedy(None, PROMPTS[4], 8)
+
+
+async def test_joining_rows_prefill_in_one_forward_or_alone_if_it_fails(
+        make_engine: EngineFactory, adapters: dict[str, Adapter], reference: Reference,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows joining together prefill in ONE forward (different lengths and adapters, right
+    padded); when that forward fails they are prefilled one by one, each still correct."""
+    names = ("lora", None, "soka", "bottleneck")
+    for broken in (False, True):
+        engine = await make_engine()
+        await asyncio.gather(*(engine.submit(GenerationRequest(  # adapters resident first
+            prompt="x", sampling=GREEDY, adapter=spec(n, adapters[n]))).result()
+            for n in names if n))
+        model = engine.base.model
+        real, shapes = model.forward, []
+
+        def forward(*args: Any, broken: bool = broken, real: Any = real,
+                    shapes: list[tuple[int, ...]] = shapes, **kwargs: Any) -> Any:
+            ids = kwargs["input_ids"]
+            shapes.append(tuple(ids.shape))
+            if broken and ids.shape[0] > 1 and ids.shape[1] > 1:  # the batched prefill
+                raise RuntimeError("out of memory (injected)")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(model, "forward", forward)
+        handles = [engine.submit(GenerationRequest(
+            prompt=PROMPTS[i], sampling=GREEDY,
+            adapter=spec(n, adapters[n]) if n else None)) for i, n in enumerate(names)]
+        results = await asyncio.gather(*(h.result() for h in handles))
+        for i, (n, result) in enumerate(zip(names, results, strict=True)):
+            assert result.token_ids == reference.greedy(adapters[n] if n else None,
+                                                        PROMPTS[i], 8), (broken, n)
+        prefills = [s for s in shapes if s[1] > 1]
+        if broken:  # the failed batch, then one forward per row
+            assert prefills[0][0] == 4 and [s[0] for s in prefills[1:]] == [1, 1, 1, 1]
+        else:
+            assert [s[0] for s in prefills] == [4]
