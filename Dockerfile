@@ -36,9 +36,10 @@ WORKDIR /opt/tessera/src
 COPY pyproject.toml README.md ./
 COPY adapters ./adapters
 COPY store ./store
+COPY engine ./engine
 COPY server ./server
 RUN pip install . \
-    && python -c "from pathlib import Path; from server import builtin; builtin.materialise(Path('${TESSERA_BUILTIN_DIR}'))"
+    && python -c "from pathlib import Path; from engine import builtin; builtin.materialise(Path('${TESSERA_BUILTIN_DIR}'))"
 
 RUN useradd --system --uid 10001 --create-home --home-dir /home/tessera tessera \
     && mkdir -p /data \
