@@ -12,6 +12,9 @@ from fastapi import Depends, Request
 from server.http_errors import ApiError, unauthorized
 from server.service import Service, get_service
 
+ADMIN_DISABLED = ("admin endpoints are disabled: no admin key is configured (set "
+                  "TESSERA_ADMIN_KEY)")
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -51,7 +54,12 @@ async def require_tenant(who: Annotated[Principal, Depends(principal)]) -> str:
     return who.tenant
 
 
-async def require_admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
+async def require_admin(request: Request,
+                        service: Annotated[Service, Depends(get_service)]) -> Principal:
+    if service.settings.admin_key is None:
+        # say why: no key can pass here, whatever the client sends
+        raise unauthorized(ADMIN_DISABLED)
+    who = await principal(request, service)
     if not who.admin:
         raise ApiError(403, "forbidden", "this endpoint needs the admin key")
     return who

@@ -2,6 +2,7 @@
 
     tessera serve [--host H] [--port P] [--model M] [--redis-url URL] [--dtype D]
                   [--device D] [--num-slots N] [--drain-timeout S] [--log-level L]
+                  [--log-format {auto,json,text}]
     tessera create-tenant NAME                      # admin key
     tessera upload NAME PATH | --config C --weights W   # tenant key
     tessera activate TASK ADAPTER VERSION           # tenant key
@@ -13,40 +14,40 @@ line wins over the environment. It runs uvicorn; SIGTERM or Ctrl-C stops accepti
 connections, lets open requests finish (``--drain-timeout`` seconds), drains the engine in
 the app's lifespan, stops the embedded Redis (if any) and exits 0.
 
-The admin commands talk to a running server over HTTP: ``--url`` (``TESSERA_URL``, default
+With no ``TESSERA_ADMIN_KEY``, ``serve`` generates an admin key on its first start, keeps
+it in a 0600 file and reuses it later (:mod:`server.admin_key`).
+
+The admin commands talk to a running server over HTTP through
+:class:`server.client.TesseraClient`: ``--url`` (``TESSERA_URL``, default
 ``http://127.0.0.1:8000``) and ``--key`` (default ``TESSERA_ADMIN_KEY`` for
-``create-tenant``, ``TESSERA_API_KEY`` otherwise). Output is the server's JSON.
+``create-tenant``, ``TESSERA_API_KEY`` otherwise). Output is the server's JSON (``list``:
+each adapter with its versions). This module imports no torch, transformers, pydantic or
+settings at module level — only ``serve`` loads them — so the admin commands start fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
 import signal
 import sys
-import tarfile
-import urllib.error
-import urllib.parse
-import urllib.request
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from server.client import (
+    DEFAULT_URL,
+    TesseraClient,
+    TesseraConnectionError,
+    TesseraError,
+)
 
-from engine.settings import EngineSettings
-from server.server_settings import ServerSettings
-from store.settings import StoreSettings
+if TYPE_CHECKING:  # the settings import torch (engine.settings): loaded by `serve` only
+    from server.server_settings import ServerSettings
 
 log = logging.getLogger("tessera.cli")
-
-DEFAULT_URL = "http://127.0.0.1:8000"
-# files of a PEFT adapter folder the server reads (adapters.peft_io names)
-PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class CliError(Exception):
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds open requests may take to finish on shutdown")
     serve.add_argument("--log-level", default=os.environ.get("TESSERA_LOG_LEVEL", "info"),
                        choices=("critical", "error", "warning", "info", "debug"))
+    serve.add_argument("--log-format", default=os.environ.get("TESSERA_LOG_FORMAT", "auto"),
+                       choices=("auto", "json", "text"),
+                       help="JSON lines or text (auto: text on a terminal, else JSON)")
 
     def client(name: str, help_: str, key_env: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_)
@@ -104,6 +108,12 @@ def serve_settings(args: argparse.Namespace, base: ServerSettings | None = None
                    ) -> ServerSettings:
     """``base`` (default: ``ServerSettings()`` from the environment) with the flags given on
     the command line applied; the result is validated like the environment is."""
+    from pydantic import ValidationError
+
+    from engine.settings import EngineSettings
+    from server.server_settings import ServerSettings
+    from store.settings import StoreSettings
+
     try:
         base = base if base is not None else ServerSettings()
     except ValidationError as exc:
@@ -124,12 +134,18 @@ def serve_settings(args: argparse.Namespace, base: ServerSettings | None = None
 
 # --- serve ---------------------------------------------------------------------------------
 def serve(args: argparse.Namespace) -> int:
+    from server.admin_key import AdminKeyError, ensure_admin_key
     from server.app import create_app
+    from server.logs import configure_logging, json_format_of
     from server.runner import TesseraServer
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, json_format=json_format_of(args.log_format))
     settings = serve_settings(args)
+    try:
+        settings = ensure_admin_key(settings, os.environ,
+                                    url=f"http://{client_host(args.host)}:{args.port}")
+    except AdminKeyError as exc:
+        raise CliError(str(exc)) from exc
     log.info("starting tessera on %s:%d (model: %s, redis: %s)", args.host, args.port,
              settings.engine.model or "built-in",
              "configured URL" if settings.store.redis_url else "embedded")
@@ -151,89 +167,52 @@ def serve(args: argparse.Namespace) -> int:
 
 
 # --- admin client --------------------------------------------------------------------------
-def request(args: argparse.Namespace, method: str, path: str, *, body: bytes | None = None,
-            content_type: str | None = None) -> Any:
-    """One HTTP call to the server; the decoded JSON answer, or CliError."""
-    if not args.key:
-        raise CliError("no key: pass --key or set the environment variable (see --help)")
-    headers = {"Authorization": f"Bearer {args.key}", "Accept": "application/json"}
-    if content_type is not None:
-        headers["Content-Type"] = content_type
-    url = args.url.rstrip("/") + path
-    req = urllib.request.Request(url, data=body, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=args.timeout) as response:
-            raw = response.read()
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")
-        raise CliError(f"{method} {path}: HTTP {exc.code}: {detail}") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise CliError(f"cannot reach {args.url}: {exc}") from exc
-    return json.loads(raw) if raw else None
+def client_host(host: str) -> str:
+    """The address a client on this machine uses for a server bound to ``host``."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
-def multipart(files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
-    """``field -> (filename, bytes)`` as a multipart/form-data body and its content type."""
-    boundary = f"tessera-{uuid.uuid4().hex}"
-    out = io.BytesIO()
-    for field, (filename, data) in files.items():
-        out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; "
-                  f"filename=\"{filename}\"\r\nContent-Type: application/octet-stream"
-                  "\r\n\r\n".encode())
-        out.write(data)
-        out.write(b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
-
-
-def folder_archive(folder: Path) -> bytes:
-    """The PEFT files of ``folder`` as an in-memory .tar.gz."""
-    missing = [name for name in PEFT_FILES if not (folder / name).is_file()]
-    if missing:
-        raise CliError(f"{folder} is not a PEFT adapter folder: missing {', '.join(missing)}")
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz") as tar:
-        for name in PEFT_FILES:
-            tar.add(folder / name, arcname=name)
-    return out.getvalue()
-
-
-def upload_files(args: argparse.Namespace) -> dict[str, tuple[str, bytes]]:
+def check_upload_args(args: argparse.Namespace) -> None:
     if args.path is not None and (args.config or args.weights):
         raise CliError("give either PATH or --config and --weights, not both")
-    if args.path is None:
-        if not (args.config and args.weights):
-            raise CliError("give a PATH, or both --config and --weights")
-        return {"config": (args.config.name, _read(args.config)),
-                "weights": (args.weights.name, _read(args.weights))}
-    if args.path.is_dir():
-        return {"archive": (f"{args.name}.tar.gz", folder_archive(args.path))}
-    return {"archive": (args.path.name, _read(args.path))}
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise CliError(f"cannot read {path}: {exc.strerror}") from exc
+    if args.path is None and not (args.config and args.weights):
+        raise CliError("give a PATH, or both --config and --weights")
 
 
 def admin(args: argparse.Namespace) -> Any:
-    quote = urllib.parse.quote
-    if args.command == "create-tenant":
-        body = json.dumps({"name": args.name}).encode()
-        return request(args, "POST", "/v1/tenants", body=body,
-                       content_type="application/json")
+    """The command's call(s) through :class:`TesseraClient`; the JSON to print."""
+    if not args.key:
+        raise CliError("no key: pass --key or set the environment variable (see --help)")
     if args.command == "upload":
-        data, content_type = multipart(upload_files(args))
-        return request(args, "POST", f"/v1/adapters/{quote(args.name, safe='')}", body=data,
-                       content_type=content_type)
+        check_upload_args(args)
+    try:
+        with TesseraClient(args.url, args.key, timeout=args.timeout) as client:
+            return call(client, args)
+    except (TesseraError, TesseraConnectionError):
+        raise
+    except ValueError as exc:  # an invalid --url, not a PEFT adapter folder
+        raise CliError(str(exc)) from exc
+    except OSError as exc:  # a file to upload
+        raise CliError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+
+
+def call(client: TesseraClient, args: argparse.Namespace) -> Any:
+    if args.command == "create-tenant":
+        return client.create_tenant(args.name)
+    if args.command == "upload":
+        if args.path is not None:
+            return client.upload(args.name, args.path)
+        return client.upload_files(args.name, args.config, args.weights)
     if args.command == "activate":
-        body = json.dumps({"adapter": args.adapter, "version": args.version}).encode()
-        return request(args, "POST", f"/v1/tasks/{quote(args.task, safe='')}/activate",
-                       body=body, content_type="application/json")
+        return client.activate(args.task, args.adapter, args.version)
+    if args.command == "list" and args.what == "tasks":
+        return {"tasks": client.tasks()}
     if args.command == "list":
-        return request(args, "GET", f"/v1/{args.what}")
+        return {"adapters": client.adapters()}
     raise CliError(f"unknown command {args.command}")
 
 
@@ -243,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return serve(args)
         answer = admin(args)
-    except CliError as exc:
+    except (CliError, TesseraError, TesseraConnectionError) as exc:
         sys.stderr.write(f"tessera: {exc}\n")
         return 1
     sys.stdout.write(json.dumps(answer, indent=2) + "\n")

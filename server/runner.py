@@ -9,13 +9,17 @@ requests get ``drain_timeout_s`` to finish, the rest end with finish reason
 ``shutdown`` — a final chunk and ``[DONE]`` on every stream — and only then does uvicorn
 close the connections (its own wait is the drain plus a short grace for the last bytes).
 
-The CLI's ``serve`` and the tests' live server both run this class.
+The CLI's ``serve`` and the tests' live server both run this class. Logging is the
+application's: by default (``log_config=None``) uvicorn installs no handlers of its own and
+its loggers propagate to the root logger (:func:`server.logs.configure_logging` in the CLI);
+pass uvicorn's ``LOGGING_CONFIG`` (or a file name) to have uvicorn configure them itself.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -27,12 +31,13 @@ FLUSH_GRACE_S = 5  # after the drain: time for the final chunks to reach the cli
 
 class TesseraServer(uvicorn.Server):
     def __init__(self, app: FastAPI, *, host: str, port: int, log_level: str = "info",
-                 drain_timeout_s: float = 30.0) -> None:
+                 drain_timeout_s: float = 30.0,
+                 log_config: dict[str, Any] | str | None = None) -> None:
         self.app = app
         self.drain_timeout_s = drain_timeout_s
         super().__init__(uvicorn.Config(
-            app, host=host, port=port, log_level=log_level, lifespan="on",
-            timeout_graceful_shutdown=int(drain_timeout_s) + FLUSH_GRACE_S))
+            app, host=host, port=port, log_level=log_level, log_config=log_config,
+            lifespan="on", timeout_graceful_shutdown=int(drain_timeout_s) + FLUSH_GRACE_S))
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         engine = getattr(self.app.state, "engine", None)

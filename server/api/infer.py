@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
@@ -14,11 +15,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from engine.errors import QueueFullError
-from engine.requests import RequestHandle, TokenEvent, collect
+from engine.requests import AdapterSpec, RequestHandle, TokenEvent, collect
 from engine.sampling import SamplingParams
 from server.api.openapi import AUTHENTICATED, errors, event_stream
 from server.auth import TenantName
 from server.http_errors import client_gone, describe
+from server.logs import bind_request
 from server.metrics import Metrics
 from server.schemas import (
     ChatChunk,
@@ -37,6 +39,7 @@ from server.schemas import (
 )
 from server.service import Service, get_service
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", responses=AUTHENTICATED)
 Svc = Annotated[Service, Depends(get_service)]
 # bad input, unknown task, over the context, queue full (Retry-After)
@@ -51,13 +54,23 @@ def sampling_of(body: Sampling) -> SamplingParams:
 
 
 class _Observed:
-    """One request's timings for the metrics: submit, first token, end."""
+    """One request's timings for the metrics (submit, first token, end) and its
+    "request finished" log line; binds the request's fields to the log context
+    (:func:`server.logs.bind_request`: every line logged while serving it carries them)."""
 
-    def __init__(self, metrics: Metrics, tenant: str) -> None:
+    def __init__(self, metrics: Metrics, tenant: str, request_id: str, model: str) -> None:
         self.metrics, self.tenant = metrics, tenant
+        self.request_id, self.model = request_id, model
+        self.adapter: str | None = None
         self.method: str | None = None
+        self.engine_request_id: str | None = None
         self.start = time.monotonic()
         self.first_s: float | None = None
+        bind_request(request_id=request_id, tenant=tenant, model=model)
+
+    def resolved(self, spec: AdapterSpec | None, method: str | None) -> None:
+        self.adapter, self.method = (spec.key if spec is not None else None), method
+        bind_request(adapter=self.adapter, method=method)
 
     def first_token(self) -> None:
         self.first_s = time.monotonic() - self.start
@@ -65,11 +78,21 @@ class _Observed:
                                          seconds=self.first_s)
 
     def end(self, last: TokenEvent | None, outcome: str) -> None:
+        latency_s = time.monotonic() - self.start
+        prompt_tokens = last.prompt_tokens if last else 0
+        completion_tokens = last.completion_tokens if last else 0
         self.metrics.observe_request(
-            tenant=self.tenant, method=self.method, latency_s=time.monotonic() - self.start,
-            prompt_tokens=last.prompt_tokens if last else 0,
-            completion_tokens=last.completion_tokens if last else 0,
+            tenant=self.tenant, method=self.method, latency_s=latency_s,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
             first_token_s=self.first_s, outcome=outcome)
+        # the fields explicitly: a stream may end outside the request's log context
+        log.info("request finished", extra={
+            "request_id": self.request_id, "tenant": self.tenant, "model": self.model,
+            "adapter": self.adapter, "method": self.method,
+            "engine_request_id": self.engine_request_id, "outcome": outcome,
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "latency_s": round(latency_s, 4),
+            "first_token_s": None if self.first_s is None else round(self.first_s, 4)})
 
 
 async def _run(service: Service, tenant: str, model: str, body: Sampling, *,
@@ -79,9 +102,11 @@ async def _run(service: Service, tenant: str, model: str, body: Sampling, *,
     """Submit and wait for the first event, so that a failure before the first token
     (adapter load, queue) still answers with its own status instead of a broken stream."""
     try:
-        spec, observed.method = await service.resolve(tenant, model)
+        spec, method = await service.resolve(tenant, model)
+        observed.resolved(spec, method)
         handle = await service.submit(spec, prompt=prompt, messages=messages,
                                       sampling=sampling_of(body))
+        observed.engine_request_id = handle.request_id
     except QueueFullError:
         observed.end(None, "rejected")
         raise
@@ -101,7 +126,7 @@ async def _run(service: Service, tenant: str, model: str, body: Sampling, *,
 
 
 async def _prepend(first: TokenEvent, rest: AsyncGenerator[TokenEvent, None],
-                   observed: _Observed) -> AsyncIterator[TokenEvent]:
+                   observed: _Observed) -> AsyncGenerator[TokenEvent, None]:
     last: TokenEvent | None = first
     outcome: str | None = None
     try:
@@ -163,10 +188,10 @@ async def _collect_unless_gone(request: Request, handle: RequestHandle,
 
 
 async def _answer(request: Request, service: Service, tenant: str, model: str,
-                  body: Sampling, *, prompt: str | Sequence[int] | None,
+                  body: Sampling, *, rid: str, prompt: str | Sequence[int] | None,
                   messages: Sequence[Mapping[str, str]] | None, chunk: Chunk,
                   whole: Callable[[list[int], str, TokenEvent], Any]) -> Any:
-    observed = _Observed(service.metrics, tenant)
+    observed = _Observed(service.metrics, tenant, rid, model)
     handle, events, first = await _run(service, tenant, model, body, prompt=prompt,
                                        messages=messages, observed=observed)
     stream = _prepend(first, events, observed)
@@ -176,6 +201,9 @@ async def _answer(request: Request, service: Service, tenant: str, model: str,
         ids, text, last = await _collect_unless_gone(request, handle, stream)
     finally:
         handle.cancel()
+    # collect() stops at the final event: end the stream now (its "request finished"
+    # accounting and log line), not whenever the generator is garbage-collected
+    await stream.aclose()
     return whole(ids, text, last)
 
 
@@ -202,7 +230,7 @@ async def generate(task: TaskParam, body: GenerateIn, tenant: TenantName, servic
                            prompt_tokens=last.prompt_tokens,
                            completion_tokens=last.completion_tokens)
 
-    return await _answer(request, service, tenant, task, body, prompt=body.prompt,
+    return await _answer(request, service, tenant, task, body, rid=rid, prompt=body.prompt,
                          messages=messages if body.messages is not None else None,
                          chunk=chunk, whole=whole)
 
@@ -227,8 +255,8 @@ async def completions(body: CompletionIn, tenant: TenantName, service: Svc,
                     "finish_reason": last.finish_reason})
         return {**out, "usage": _usage(last)}
 
-    return await _answer(request, service, tenant, body.model, body, prompt=body.prompt,
-                         messages=None, chunk=chunk, whole=whole)
+    return await _answer(request, service, tenant, body.model, body, rid=rid,
+                         prompt=body.prompt, messages=None, chunk=chunk, whole=whole)
 
 
 @router.post("/chat/completions", response_model=None, responses={
@@ -252,9 +280,8 @@ async def chat_completions(body: ChatIn, tenant: TenantName, service: Svc,
                              "finish_reason": last.finish_reason}],
                 "usage": _usage(last)}
 
-    return await _answer(request, service, tenant, body.model, body, prompt=None,
-                         messages=messages,
-                         chunk=chunk, whole=whole)
+    return await _answer(request, service, tenant, body.model, body, rid=rid, prompt=None,
+                         messages=messages, chunk=chunk, whole=whole)
 
 
 @router.get("/models")

@@ -1,11 +1,15 @@
-"""The ``tessera`` command: flag/environment parsing, the upload encodings, and a real
-``python -m server.cli serve`` process (built-in model, embedded redis-server) driven by the
-admin commands, then stopped by SIGTERM while a request is streaming."""
+"""The ``tessera`` command: flag/environment parsing, the upload encodings, admin commands
+that load no torch, and a real ``python -m server.cli serve`` process (built-in model,
+embedded redis-server) driven by the admin commands, then stopped by SIGTERM while a request
+is streaming; its first run with no admin key; scripts/serve on a machine without
+redis-server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,7 +28,7 @@ import torch
 from torch import nn
 
 from adapters import artifact
-from server import cli
+from server import cli, client
 from tests.factories import FACTORIES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,18 +89,43 @@ def test_upload_encodings(tmp_path: Path) -> None:
     (folder / "adapter_config.json").write_text("{}")
     (folder / "adapter_model.safetensors").write_bytes(b"w" * 10)
     (folder / "README.md").write_text("not sent")
-    with tarfile.open(fileobj=BytesIO(cli.folder_archive(folder)), mode="r:gz") as tar:
-        assert sorted(tar.getnames()) == sorted(cli.PEFT_FILES)
+    with tarfile.open(fileobj=BytesIO(client.folder_archive(folder)), mode="r:gz") as tar:
+        assert sorted(tar.getnames()) == sorted(client.PEFT_FILES)
     (folder / "adapter_config.json").unlink()
-    with pytest.raises(cli.CliError, match=r"adapter_config\.json"):
-        cli.folder_archive(folder)
-    body, content_type = cli.multipart({"config": ("c.json", b"{}"), "weights": ("w", b"\0")})
-    boundary = content_type.split("boundary=")[1]
-    assert body.count(f"--{boundary}".encode()) == 3 and body.endswith(b"--\r\n")
-    assert b'name="config"; filename="c.json"' in body
+    with pytest.raises(ValueError, match=r"adapter_config\.json"):
+        client.folder_archive(folder)
     args = cli.build_parser().parse_args(["upload", "x", "--config", str(tmp_path / "no")])
     with pytest.raises(cli.CliError, match="both --config and --weights"):
-        cli.upload_files(args)
+        cli.check_upload_args(args)
+    args = cli.build_parser().parse_args(["upload", "x", str(folder), "--weights", "w"])
+    with pytest.raises(cli.CliError, match="not both"):
+        cli.check_upload_args(args)
+
+
+def test_upload_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                    ) -> None:
+    """Local problems stop before any request (the URL is never reached)."""
+    base = ["--url", "http://127.0.0.1:9", "--key", "k", "--timeout", "2"]
+    (tmp_path / "peft").mkdir()
+    assert cli.main(["upload", *base, "x", str(tmp_path / "peft")]) == 1
+    assert "is not a PEFT adapter folder" in capsys.readouterr().err
+    assert cli.main(["upload", *base, "x", str(tmp_path / "missing.tar.gz")]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_admin_commands_load_no_torch() -> None:
+    """The CLI and the client import neither torch, transformers, the engine nor the
+    settings (engine.settings imports torch): `tessera --help` is fast."""
+    heavy = ("torch", "transformers", "engine", "adapters", "server.app",
+             "server.server_settings", "store.settings")
+    code = ("import sys, server.cli, server.client; "
+            f"loaded = [m for m in {heavy!r} if m in sys.modules]; "
+            "assert not loaded, loaded; server.cli.main(['--help'])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr  # --help exits 0
+    assert "create-tenant" in done.stdout and "AssertionError" not in done.stderr
 
 
 # --- a real server process -----------------------------------------------------------------
@@ -125,16 +154,20 @@ class Server:
         self.process, self.url, self.data_dir, self.log = process, url, data_dir, log
 
 
-@pytest.fixture
-def server(builtin_dir: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
-    drain = str(getattr(request, "param", 20))  # --drain-timeout, seconds
-    # short path: the embedded redis listens on <data_dir>/redis.sock (108-byte limit)
-    root = Path(tempfile.mkdtemp(prefix="tcli", dir="/tmp"))
+@contextlib.contextmanager
+def running_server(builtin_dir: Path, root: Path, *, drain: str = "20",
+                   admin_key: str | None = "admin-key",
+                   extra_env: dict[str, str] | None = None) -> Iterator[Server]:
+    """``python -m server.cli serve`` on a free port, its data under ``root`` (no
+    TESSERA_* variable of the machine leaks in), once /healthz answers; killed at exit if
+    still running."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
     env |= {"TESSERA_STORE_DATA_DIR": str(root / "redis"), "TESSERA_BUILTIN_DIR":
-            str(builtin_dir), "TESSERA_ADMIN_KEY": "admin-key", "TESSERA_DEVICE": "cpu"}
-    log = root / "server.log"
+            str(builtin_dir), "TESSERA_DEVICE": "cpu", **(extra_env or {})}
+    if admin_key is not None:
+        env["TESSERA_ADMIN_KEY"] = admin_key
+    log = root / f"server-{port}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--port", str(port),
@@ -158,9 +191,26 @@ def server(builtin_dir: Path, request: pytest.FixtureRequest) -> Iterator[Server
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.fixture
+def server_root() -> Iterator[Path]:
+    # short path: the embedded redis listens on <data_dir>/redis.sock (108-byte limit)
+    root = Path(tempfile.mkdtemp(prefix="tcli", dir="/tmp"))
+    try:
+        yield root
+    finally:
         for pid in processes_mentioning(str(root)):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def server(builtin_dir: Path, server_root: Path, request: pytest.FixtureRequest
+           ) -> Iterator[Server]:
+    drain = str(getattr(request, "param", 20))  # --drain-timeout, seconds
+    with running_server(builtin_dir, server_root, drain=drain) as served:
+        yield served
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> object:
@@ -177,7 +227,7 @@ def test_serve_admin_and_sigterm_drain(server: Server, ref_base: nn.Module, tmp_
     assert isinstance(created, dict) and created["name"] == "acme"
     key = ["--key", created["api_key"]]
     assert cli.main(["create-tenant", *url, *key, "evil"]) != 0  # a tenant key is no admin
-    assert "HTTP 40" in capsys.readouterr().err
+    assert "HTTP 403 forbidden: this endpoint needs the admin key" in capsys.readouterr().err
 
     adapter = FACTORIES["lora"](ref_base, torch.Generator().manual_seed(3))
     manifest, weights = artifact.dumps(adapter)
@@ -189,8 +239,22 @@ def test_serve_admin_and_sigterm_drain(server: Server, ref_base: nn.Module, tmp_
     assert isinstance(version, dict) and version["version"] == 1
     run_cli(capsys, "activate", *url, *key, "summarise", "my-lora", "1")
     tasks = run_cli(capsys, "list", "tasks", *url, *key)
-    adapters = run_cli(capsys, "list", *url, *key)
-    assert "summarise" in json.dumps(tasks) and "my-lora" in json.dumps(adapters)
+    assert isinstance(tasks, dict)
+    assert [(t["task"], t["adapter"], t["version"]) for t in tasks["tasks"]] == \
+        [("summarise", "my-lora", 1)]
+    # `tessera list` as its own process: adapters with their versions, and no torch loaded
+    listed = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "server.cli", "list", *url, *key],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    adapters = json.loads(listed.stdout)["adapters"]
+    assert [(a["name"], [v["version"] for v in a["versions"]]) for a in adapters] == \
+        [("my-lora", [1])]
+    assert adapters[0]["versions"][0]["method"] == "lora"
+    imported = {line.rsplit("|", 1)[-1].strip() for line in listed.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "server.client" in imported and "httpx" in imported  # the check sees imports
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "transformers", "engine")}
 
     # a streaming request in flight when SIGTERM arrives still finishes
     body = json.dumps({"model": "summarise", "prompt": "hello", "max_tokens": 400,
@@ -266,3 +330,83 @@ def test_scripts_serve() -> None:
                                        "TESSERA_STORE_REDIS_SERVER_BINARY": "no-such-redis"},
         capture_output=True, text=True, timeout=120)
     assert with_url.returncode == 0, with_url.stderr  # an external Redis needs no binary
+
+
+def test_first_run_generates_and_reuses_the_admin_key(builtin_dir: Path, server_root: Path
+                                                      ) -> None:
+    """No TESSERA_ADMIN_KEY: the first start writes a key (0600) beside the store's data
+    directory and logs it with the next command, which works as printed; a restart reuses
+    the key without printing it."""
+    key_file = server_root / "admin.key"  # TESSERA_STORE_DATA_DIR is <root>/redis
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+    with running_server(builtin_dir, server_root, admin_key=None) as first:
+        log = first.log.read_text()
+        found = re.search(r"(TESSERA_URL=\S+) TESSERA_ADMIN_KEY=([A-Za-z0-9_-]+) "
+                          r"tessera create-tenant acme", log)
+        assert found is not None, log
+        assert found.group(1) == f"TESSERA_URL={first.url}" and str(key_file) in log
+        key = found.group(2)
+        assert key_file.read_text().strip() == key
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        # the printed command, as printed (the key from the environment)
+        created = subprocess.run(
+            [sys.executable, "-m", "server.cli", "create-tenant", "acme"], cwd=ROOT,
+            env=env | {"TESSERA_URL": first.url, "TESSERA_ADMIN_KEY": key},
+            capture_output=True, text=True, timeout=60)
+        assert created.returncode == 0, created.stderr
+        assert json.loads(created.stdout)["name"] == "acme"
+        first.process.send_signal(signal.SIGTERM)
+        assert first.process.wait(timeout=40) == 0, first.log.read_text()
+
+    with running_server(builtin_dir, server_root, admin_key=None) as second:
+        log = second.log.read_text()
+        assert key not in log and "no admin key was configured" not in log, log
+        assert f"admin key from {key_file}" in log
+        assert key_file.read_text().strip() == key
+        with client.TesseraClient(second.url, key) as admin:
+            assert admin.create_tenant("globex")["name"] == "globex"
+
+
+def test_scripts_serve_installs_redis_as_root(tmp_path: Path) -> None:
+    """No redis-server on the PATH: as root with apt-get, scripts/serve installs it and
+    goes on; as another user (or when apt-get fails) it says how in one line and exits 1.
+    (`id` and `apt-get` are stubs; the PATH holds only them, bash and the venv.)"""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "env", "dirname"):
+        found = shutil.which(tool)
+        assert found is not None
+        (bin_dir / tool).symlink_to(found)
+    calls = tmp_path / "apt.log"
+
+    def stub(name: str, body: str) -> None:
+        (bin_dir / name).write_text(f"#!{bin_dir / 'bash'}\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+
+    stub("id", 'echo "$FAKE_UID"')
+    stub("apt-get", f'echo "$*" >> {calls}\n[ -z "$FAKE_APT_FAIL" ] || exit 100\n'
+                    f'if [ "$1" = install ]; then printf "#!/bin/sh\\n" > {bin_dir}/redis-server'
+                    f"; chmod +x {bin_dir}/redis-server; fi")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+    env |= {"TESSERA_VENV": sys.prefix, "PATH": str(bin_dir), "FAKE_APT_FAIL": ""}
+    script = str(ROOT / "scripts" / "serve")
+
+    def run(**extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([script, "--help"], env=env | extra, capture_output=True,
+                              text=True, timeout=120)
+
+    for outcome in (run(FAKE_UID="1000"), run(FAKE_UID="0", FAKE_APT_FAIL="1")):
+        assert outcome.returncode == 1
+        lines = outcome.stderr.strip().splitlines()
+        assert lines[-1].startswith("tessera: redis-server not found: install it")
+        assert "sudo apt-get install redis-server" in lines[-1]
+        assert "TESSERA_STORE_REDIS_URL" in lines[-1]
+    assert calls.read_text().splitlines() == ["update -qq"]  # the failing root run only
+    assert not (bin_dir / "redis-server").exists()
+
+    calls.unlink()
+    installed = run(FAKE_UID="0")
+    assert installed.returncode == 0, installed.stderr
+    assert "installing redis-server" in installed.stderr
+    assert calls.read_text().splitlines() == ["update -qq", "install -y -qq redis-server"]
+    assert "usage: tessera serve" in installed.stdout
