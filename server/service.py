@@ -154,13 +154,15 @@ class Service:
         spec = await self.adapter_for(tenant, model)
         return spec, None if spec is None else self._methods.get(spec.key)
 
-    async def submit(self, spec: AdapterSpec | None, *, prompt: str | Sequence[int] | None,
+    async def submit(self, spec: AdapterSpec | None, *, request_id: str,
+                     prompt: str | Sequence[int] | None,
                      messages: Sequence[Mapping[str, str]] | None,
                      sampling: SamplingParams) -> RequestHandle:
         """Tokenize off the event loop (a large prompt must not stall other requests;
-        its size is checked against the context before tokenizing), then queue."""
+        its size is checked against the context before tokenizing), then queue under
+        ``request_id`` (the response's id: one id in the API, the logs and the engine)."""
         request = GenerationRequest(prompt=prompt, messages=messages, adapter=spec,
-                                    sampling=sampling)
+                                    sampling=sampling, request_id=request_id)
         ids = await asyncio.to_thread(self.engine.prompt_ids, request)
         return self.engine.submit(dataclasses.replace(request, prompt=ids, messages=None))
 

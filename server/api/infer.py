@@ -63,7 +63,6 @@ class _Observed:
         self.request_id, self.model = request_id, model
         self.adapter: str | None = None
         self.method: str | None = None
-        self.engine_request_id: str | None = None
         self.start = time.monotonic()
         self.first_s: float | None = None
         bind_request(request_id=request_id, tenant=tenant, model=model)
@@ -89,7 +88,7 @@ class _Observed:
         log.info("request finished", extra={
             "request_id": self.request_id, "tenant": self.tenant, "model": self.model,
             "adapter": self.adapter, "method": self.method,
-            "engine_request_id": self.engine_request_id, "outcome": outcome,
+            "outcome": outcome,
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "latency_s": round(latency_s, 4),
             "first_token_s": None if self.first_s is None else round(self.first_s, 4)})
@@ -104,9 +103,8 @@ async def _run(service: Service, tenant: str, model: str, body: Sampling, *,
     try:
         spec, method = await service.resolve(tenant, model)
         observed.resolved(spec, method)
-        handle = await service.submit(spec, prompt=prompt, messages=messages,
-                                      sampling=sampling_of(body))
-        observed.engine_request_id = handle.request_id
+        handle = await service.submit(spec, request_id=observed.request_id, prompt=prompt,
+                                      messages=messages, sampling=sampling_of(body))
     except QueueFullError:
         observed.end(None, "rejected")
         raise
