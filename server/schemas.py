@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from engine.sampling import MAX_LOGPROBS
 from store.errors import InvalidNameError
 from store.models import AdapterVersion, Binding, HypernetVersion
 from store.names import MAX_NAME_LENGTH, NAME_RE, check_name
@@ -307,20 +308,52 @@ class GenerateIn(Sampling):
         return self
 
 
-class CompletionIn(Sampling):
+class StreamOptions(Strict):
+    include_usage: bool = Field(False, description="a last chunk with the usage (and no "
+                                                   "choices) before [DONE]")
+
+
+class OpenAISampling(Sampling):
+    """OpenAI's extras on both endpoints: ``max_completion_tokens`` (wins over
+    ``max_tokens``) and ``stream_options``."""
+
+    max_completion_tokens: MaxTokens | None = Field(None, description=(
+        "tokens to generate; replaces max_tokens (same limits)"))
+    stream_options: StreamOptions | None = None
+
+    def token_limit(self) -> int | None:
+        return (self.max_completion_tokens if self.max_completion_tokens is not None
+                else self.max_tokens)
+
+
+class CompletionIn(OpenAISampling):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
     model: str = Field(min_length=1, description=(
         "task name (the name rule: 400 invalid_name otherwise), or the base model's alias"))
     prompt: Prompt
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), Integral] | None = Field(
+        None, description="log-probabilities of each token and of its n most likely "
+                          "alternatives (n = this value)")
     user: str | None = None
 
+    def top_logprobs(self) -> int | None:
+        """None = no logprobs in the answer; else the alternatives per token."""
+        return self.logprobs
 
-class ChatIn(Sampling):
+
+class ChatIn(OpenAISampling):
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1, description=(
         "task name (the name rule: 400 invalid_name otherwise), or the base model's alias"))
     messages: Messages
+    logprobs: bool = Field(False, description="log-probabilities of each output token")
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), Integral] | None = Field(
+        None, description="with logprobs: the n most likely alternatives per token")
     user: str | None = None
+
+    def top_logprob_count(self) -> int | None:
+        """None = no logprobs in the answer; else the alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class Usage(BaseModel):
@@ -329,11 +362,34 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions shape, per generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
 
 
 class CompletionOut(BaseModel):
@@ -355,6 +411,7 @@ class ChatReply(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ChatReply
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -392,7 +449,8 @@ class CompletionChunk(BaseModel):
     object: Literal["text_completion"]
     created: int
     model: str
-    choices: list[CompletionChoice]
+    choices: list[CompletionChoice]  # empty in the usage chunk
+    usage: Usage | None = None
 
 
 class ChatDelta(BaseModel):
@@ -403,6 +461,7 @@ class ChatDelta(BaseModel):
 class ChatDeltaChoice(BaseModel):
     index: int
     delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -411,14 +470,20 @@ class ChatChunk(BaseModel):
     object: Literal["chat.completion.chunk"]
     created: int
     model: str
-    choices: list[ChatDeltaChoice]
+    choices: list[ChatDeltaChoice]  # empty in the usage chunk
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):
+    """A model as vLLM lists LoRA adapters: a task's ``parent`` and ``root`` are the base."""
+
     id: str
     object: Literal["model"] = "model"
     owned_by: str
     created: int = 0
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):

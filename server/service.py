@@ -166,6 +166,11 @@ class Service:
         ids = await asyncio.to_thread(self.engine.prompt_ids, request)
         return self.engine.submit(dataclasses.replace(request, prompt=ids, messages=None))
 
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token id's own text (special tokens included), as logprobs report them."""
+        tokenizer = self.engine.base.tokenizer
+        return [str(tokenizer.decode([i], skip_special_tokens=False)) for i in ids]
+
     def ready(self) -> dict[str, Any]:
         """Readiness without queueing work and without Redis: raises unless the model is
         loaded and the engine loop beats. Redis health is reported, never required (cached
