@@ -38,7 +38,7 @@ from engine.errors import (
     StepError,
 )
 from engine.errors import RequestValidationError as EngineRequestError
-from server.schemas import NAME_ERROR
+from server.schemas import NAME_ERROR, UNSUPPORTED_ERROR
 from store.errors import (
     ConflictError,
     IntegrityError,
@@ -173,6 +173,9 @@ def _pick(errors: Sequence[Any]) -> tuple[int, str, dict[str, Any]]:
     for error in errors:
         if error.get("type") == NAME_ERROR:
             return 400, "invalid_name", error
+        if error.get("type") == UNSUPPORTED_ERROR:  # an OpenAI field tessera lacks
+            name = str(error.get("ctx", {}).get("field", ""))
+            return 400, "unsupported_field", {**error, "loc": ("body", name)}
     for error in errors:
         if tuple(error.get("loc", ()))[:1] == ("path",):
             return 400, "invalid_request", error

@@ -313,9 +313,34 @@ class StreamOptions(Strict):
                                                    "choices) before [DONE]")
 
 
+# OpenAI fields tessera does not implement, with the value that means "not used": a request
+# that sets one to anything else is refused (400 naming the field), never silently served
+# as if it had not asked. Fields not listed here and unknown to OpenAI are ignored.
+UNSUPPORTED_OPENAI_FIELDS: dict[str, Any] = {
+    "n": 1, "best_of": 1, "echo": False, "suffix": None, "presence_penalty": 0,
+    "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": None, "min_tokens": 0,
+    "tools": None, "tool_choice": None, "parallel_tool_calls": None, "functions": None,
+    "function_call": None, "response_format": None, "audio": None, "modalities": None,
+    "prediction": None, "web_search_options": None, "reasoning_effort": None}
+UNSUPPORTED_ERROR = "unsupported_field"  # answered 400 by server.http_errors
+
+
 class OpenAISampling(Sampling):
     """OpenAI's extras on both endpoints: ``max_completion_tokens`` (wins over
-    ``max_tokens``) and ``stream_options``."""
+    ``max_tokens``) and ``stream_options``; OpenAI fields tessera does not implement are
+    refused unless they carry their neutral value."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, neutral in UNSUPPORTED_OPENAI_FIELDS.items():
+                if name in data and data[name] not in (neutral, None, {}, []):
+                    raise PydanticCustomError(
+                        UNSUPPORTED_ERROR, "'{field}' is not supported by tessera "
+                        "(only its default, {neutral!r}, is accepted)",
+                        {"field": name, "neutral": neutral})
+        return data
 
     max_completion_tokens: MaxTokens | None = Field(None, description=(
         "tokens to generate; replaces max_tokens (same limits)"))

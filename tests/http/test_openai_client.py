@@ -93,3 +93,26 @@ async def test_model_objects(client: AsyncOpenAI, live: LiveServer) -> None:
     with pytest.raises(Exception) as caught:
         await client.models.retrieve("no-such-task")
     assert getattr(caught.value, "status_code", None) == 404
+
+
+@pytest.mark.parametrize("extra", [
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+    {"response_format": {"type": "json_object"}}, {"n": 2}, {"presence_penalty": 0.5},
+    {"logit_bias": {"5": 10}}])
+async def test_an_unsupported_field_is_refused_naming_it(client: AsyncOpenAI,
+                                                         extra: dict[str, Any]) -> None:
+    messages: Any = [{"role": "user", "content": "hello"}]
+    with pytest.raises(Exception) as caught:
+        await client.chat.completions.create(model="base", messages=messages, max_tokens=2,
+                                             extra_body=extra)
+    assert getattr(caught.value, "status_code", None) == 400
+    error: Any = getattr(caught.value, "body", None)  # the client unwraps {"error": ...}
+    field = next(iter(extra))
+    assert error["type"] == "unsupported_field" and error["field"] == field
+    assert field in error["message"]
+
+
+async def test_neutral_values_of_unsupported_fields_are_accepted(client: AsyncOpenAI) -> None:
+    r = await client.completions.create(model="base", prompt="hi", max_tokens=2, n=1,
+                                        presence_penalty=0, echo=False)
+    assert r.usage is not None and r.usage.completion_tokens <= 2
