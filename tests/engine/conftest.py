@@ -61,7 +61,9 @@ class Reference:
     def __init__(self, base: nn.Module, tokenizer: Any) -> None:
         self.base = base
         self.tokenizer = tokenizer
-        self._models: dict[int, nn.Module] = {}
+        # keyed by id(adapter), holding the adapter too: a collected adapter's id can be
+        # reused by a new one, which must never find the old one's model or tokens
+        self._models: dict[int, tuple[Adapter, nn.Module]] = {}
         self._memo: dict[tuple[int, tuple[int, ...], int], list[int]] = {}
 
     def ids(self, prompt: str) -> list[int]:
@@ -70,9 +72,11 @@ class Reference:
     def model(self, adapter: Adapter | None) -> nn.Module:
         if adapter is None:
             return self.base
-        if id(adapter) not in self._models:
-            self._models[id(adapter)] = reference_model(self.base, adapter)
-        return self._models[id(adapter)]
+        found = self._models.get(id(adapter))
+        if found is None or found[0] is not adapter:
+            found = self._models[id(adapter)] = (adapter, reference_model(self.base, adapter))
+            self._memo = {k: v for k, v in self._memo.items() if k[0] != id(adapter)}
+        return found[1]
 
     @torch.no_grad()
     def greedy(self, adapter: Adapter | None, prompt: str | list[int], n: int) -> list[int]:
