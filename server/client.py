@@ -32,7 +32,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-# --- answers (the server's JSON; server/schemas.py) ----------------------------------------
+# --- answers (the server's JSON; server/schemas.py, server/openai_schemas.py) -------------
 class Tenant(TypedDict):
     name: str
     api_key: str  # shown once

@@ -38,7 +38,8 @@ from engine.errors import (
     StepError,
 )
 from engine.errors import RequestValidationError as EngineRequestError
-from server.schemas import NAME_ERROR, UNSUPPORTED_ERROR
+from server.openai_schemas import UNSUPPORTED_ERROR
+from server.schemas import NAME_ERROR
 from store.errors import (
     ConflictError,
     IntegrityError,

@@ -22,22 +22,18 @@ from server.auth import TenantName
 from server.http_errors import client_gone, describe
 from server.logs import bind_request
 from server.metrics import Metrics
-from server.schemas import (
+from server.openai_schemas import (
     ChatChunk,
     ChatCompletionOut,
     ChatIn,
     CompletionChunk,
     CompletionIn,
     CompletionOut,
-    GenerateChunk,
-    GenerateIn,
-    GenerateOut,
     ModelCard,
     ModelList,
     OpenAISampling,
-    Sampling,
-    TaskParam,
 )
+from server.schemas import GenerateChunk, GenerateIn, GenerateOut, Sampling, TaskParam
 from server.service import Service, get_service
 
 log = logging.getLogger(__name__)
