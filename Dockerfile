@@ -38,8 +38,10 @@ COPY adapters ./adapters
 COPY store ./store
 COPY engine ./engine
 COPY server ./server
+COPY train ./train
+COPY tessera ./tessera
 RUN pip install . \
-    && python -c "from pathlib import Path; from engine import builtin; builtin.materialise(Path('${TESSERA_BUILTIN_DIR}'))"
+    && python -c "from pathlib import Path; from tessera.engine import builtin; builtin.materialise(Path('${TESSERA_BUILTIN_DIR}'))"
 
 RUN useradd --system --uid 10001 --create-home --home-dir /home/tessera tessera \
     && mkdir -p /data \

@@ -1,7 +1,7 @@
 """tessera's adapter core: methods, slot pools and injection into Hugging Face models."""
 
-from adapters import methods as _methods  # noqa: F401  (registers the built-in methods)
-from adapters.errors import (
+from tessera.adapters import methods as _methods  # noqa: F401  (registers the built-in methods)
+from tessera.adapters.errors import (
     AdapterError,
     AdapterValidationError,
     NotMergeableError,
@@ -10,9 +10,9 @@ from adapters.errors import (
     UnsafeFormatError,
     UnsupportedAdapterError,
 )
-from adapters.method import Adapter, Component, Limits, Method, MethodConfig, SlotData
-from adapters.pool import PoolConfig, PreparedAdapter, SlotPool
-from adapters.reference import merged_model, merged_weights, reference_model
+from tessera.adapters.method import Adapter, Component, Limits, Method, MethodConfig, SlotData
+from tessera.adapters.pool import PoolConfig, PreparedAdapter, SlotPool
+from tessera.adapters.reference import merged_model, merged_weights, reference_model
 
 __all__ = [
     "Adapter",

@@ -20,7 +20,7 @@ Hypernetwork artifact (config + weights + registered task embeddings)::
 Parsing is strict: unknown format/version, unknown manifest fields, unknown methods
 (``UnknownMethodError``), invalid configs (``AdapterValidationError`` naming the field),
 keys not claimed by a component, missing keys, non-float or non-finite tensors are all
-refused. Weights are decoded only by :func:`adapters.safeio.read_safetensors`. A round trip
+refused. Weights are decoded only by :func:`tessera.adapters.safeio.read_safetensors`. A round trip
 is bit-exact (dtypes and values as stored). See ``docs/artifacts.md``.
 """
 
@@ -36,15 +36,15 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ValidationError
 
-from adapters import registry
-from adapters.errors import AdapterValidationError, UnsupportedAdapterError
-from adapters.hypernet import HyperLoaderConfig, HyperNetwork, base_schema, head_names
-from adapters.method import Adapter, Component, Limits
-from adapters.methods.hyperloader import HyperLoader
-from adapters.pool import parts_by_module
-from adapters.safeio import read_safetensors, write_safetensors
-from adapters.targets import TargetInfo
-from adapters.validation import FLOAT_DTYPES, validate_component
+from tessera.adapters import registry
+from tessera.adapters.errors import AdapterValidationError, UnsupportedAdapterError
+from tessera.adapters.hypernet import HyperLoaderConfig, HyperNetwork, base_schema, head_names
+from tessera.adapters.method import Adapter, Component, Limits
+from tessera.adapters.methods.hyperloader import HyperLoader
+from tessera.adapters.pool import parts_by_module
+from tessera.adapters.safeio import read_safetensors, write_safetensors
+from tessera.adapters.targets import TargetInfo
+from tessera.adapters.validation import FLOAT_DTYPES, validate_component
 
 ADAPTER_FORMAT = "tessera.adapter"
 HYPERNET_FORMAT = "tessera.hypernetwork"

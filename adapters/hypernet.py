@@ -23,7 +23,7 @@ blocks (zero k rows, zero cross blocks), which is exactly separate q and v LoRAs
 Generated weights depend only on (task, layer, position), never on the input. Generation is
 batched over all sites (:func:`generate_batched`); :func:`generate_reference` is the
 readable per-site loop it is tested against. Nothing here touches a model: the base enters
-only as its targets (``adapters.targets.discover``).
+only as its targets (``tessera.adapters.targets.discover``).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from adapters import targets as tg
-from adapters.banks.bottleneck import Activation
-from adapters.errors import AdapterError, AdapterValidationError
-from adapters.method import (
+from tessera.adapters import targets as tg
+from tessera.adapters.banks.bottleneck import Activation
+from tessera.adapters.errors import AdapterError, AdapterValidationError
+from tessera.adapters.method import (
     RANK_BOUND,
     SCALE_BOUND,
     MethodConfig,
@@ -49,8 +49,8 @@ from adapters.method import (
     Rank,
     Size,
 )
-from adapters.targets import TargetInfo
-from adapters.validation import check_tensors
+from tessera.adapters.targets import TargetInfo
+from tessera.adapters.validation import check_tensors
 
 PROJECTOR_EPS = 1e-5  # eps of the projector's LayerNorm
 LORA_KINDS = ("lora_A", "lora_B")
@@ -69,7 +69,7 @@ class HyperLoaderConfig(MethodConfig):
     projector_dim: Size = Field(description="t': projector output size")
     num_layers: Size = Field(description="transformer layers of the base model")
     # Half the shared bounds: a fused [q; k; v] module is served as one LoRA with 2 r and
-    # 2 alpha (adapters.methods.hyperloader), which must still fit LoraConfig's bounds.
+    # 2 alpha (tessera.adapters.methods.hyperloader), which must still fit LoraConfig's bounds.
     lora_rank: int = Field(ge=1, le=RANK_BOUND // 2)
     lora_alpha: float = Field(gt=0, le=SCALE_BOUND / 2, allow_inf_nan=False)
     lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],

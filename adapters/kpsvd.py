@@ -18,7 +18,7 @@ Rank per module from the spectrum, both recorded (``RankSelection``), one chosen
   Without an interior point below the chord (``K <= 2`` or a concave/linear spectrum)
   the rank is ``K``.
 
-Factor shapes always come from :func:`adapters.banks.kron.kron_factors`, the rule the
+Factor shapes always come from :func:`tessera.adapters.banks.kron.kron_factors`, the rule the
 pool's banks and the SoKA schema use. Served SoKA weights are terms *added to the frozen
 W0*; a PiSSA-like run (trained on base ``W0 - init``) is exported by :func:`export_delta`.
 """
@@ -33,11 +33,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from adapters import targets as tg
-from adapters.banks.kron import KronFactors, kron_factors
-from adapters.method import Adapter, Component
-from adapters.methods.soka import SoKA, SokaConfig
-from adapters.registry import get
+from tessera.adapters import targets as tg
+from tessera.adapters.banks.kron import KronFactors, kron_factors
+from tessera.adapters.method import Adapter, Component
+from tessera.adapters.methods.soka import SoKA, SokaConfig
+from tessera.adapters.registry import get
 
 Rule = Literal["energy", "elbow", "fixed"]
 _ENERGY_SLACK = 1e-12

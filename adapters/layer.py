@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.banks.base import Bank
-from adapters.plan import current_plan
-from adapters.targets import TargetInfo, bias_of, weight_of
+from tessera.adapters.banks.base import Bank
+from tessera.adapters.plan import current_plan
+from tessera.adapters.targets import TargetInfo, bias_of, weight_of
 
 STAGES = ("input", "delta", "scale", "output")
 

@@ -2,10 +2,10 @@
 
 A method turns a validated weight set into (a) a readable single-adapter reference forward,
 (b) a merged weight where the math allows, and (c) *slot data*: tensors written into the
-per-module banks of a :class:`~adapters.pool.SlotPool`, where the batched mixed forward of
+per-module banks of a :class:`~tessera.adapters.pool.SlotPool`, where the batched mixed forward of
 every method runs. Methods never touch the base model; they receive ``W0`` ``[out, in]``.
 
-Stages of a wrapped layer (see :mod:`adapters.layer`) in the order they run::
+Stages of a wrapped layer (see :mod:`tessera.adapters.layer`) in the order they run::
 
     x' = input banks(x)                # HUT's gamma * x + beta
     y  = W0 x' + delta banks(x')       # LoRA/DoRA/HRA low-rank, HUT Hadamard, SoKA Kronecker
@@ -26,9 +26,9 @@ from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters import targets as tg
-from adapters.errors import NotMergeableError
-from adapters.targets import TargetInfo
+from tessera.adapters import targets as tg
+from tessera.adapters.errors import NotMergeableError
+from tessera.adapters.targets import TargetInfo
 
 Tensors = Mapping[str, torch.Tensor]  # tensor name -> tensor, for one module
 Stage = Literal["weight", "output"]
@@ -38,7 +38,7 @@ Stage = Literal["weight", "output"]
 # Every numeric field of every method config uses one of these types, so pydantic refuses
 # NaN/Inf and absurd magnitudes naming the field. Finite is not enough: alpha = 1e38 is
 # finite, yet folding s = alpha / r into B overflows the banks. The lowered tensors are
-# checked too (``adapters.validation.check_lowered``): these bounds are the sanity layer.
+# checked too (``tessera.adapters.validation.check_lowered``): these bounds are the sanity layer.
 SCALE_BOUND = 1e4  # |alpha|, |scale|. PEFT practice is alpha <= 2 r <= 512 (s <= ~16,
 #                    rsLoRA's alpha / sqrt(r) a little more); 1e4 leaves a 20x margin and
 #                    keeps s * |w| far from the fp16 limit 65504 for sane weights (|w| < 6).
@@ -113,7 +113,7 @@ class Method(ABC, Generic[C]):
     name: ClassVar[str]
     config_type: ClassVar[type[MethodConfig]]
     stage: ClassVar[Stage] = "weight"
-    banks: ClassVar[tuple[str, ...]]  # bank kinds this method writes (see adapters.banks)
+    banks: ClassVar[tuple[str, ...]]  # bank kinds this method writes (see tessera.adapters.banks)
     rank_limit: ClassVar[Literal["max_rank", "max_bottleneck_dim"]] = "max_rank"
 
     # --- config -------------------------------------------------------------------------

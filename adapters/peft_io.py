@@ -13,16 +13,16 @@ Linear shapes above and DoRA's magnitude per output feature; only the base weigh
 transposed, so nothing is transposed here. ``use_dora`` selects method ``"dora"``,
 ``peft_type`` ``"HRA"`` method ``"hra"``.
 
-Weights are decoded only through :func:`adapters.safeio.read_safetensors`; pickle files are
+Weights are decoded only through :func:`tessera.adapters.safeio.read_safetensors`; pickle files are
 refused (``UnsafeFormatError``). Artifacts that cannot run on a shared frozen base are refused
 with ``UnsupportedAdapterError``: inits that rewrite W0 and were not converted on save
 (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ, KaSA), ``modules_to_save``, trainable biases,
 ``layers_to_transform`` / ``layers_pattern`` / ``exclude_modules``, and LoRA variants with
 another forward. Numeric fields are bounded by the method configs' shared types
-(:mod:`adapters.method`): ``"lora_alpha": Infinity`` (which ``json`` parses) or ``1e38`` is
+(:mod:`tessera.adapters.method`): ``"lora_alpha": Infinity`` (which ``json`` parses) or ``1e38`` is
 refused naming the field, as are ``rank_pattern`` / ``alpha_pattern`` values and an
 out-of-range ``lora_dropout`` (unused when serving, still checked). Checking the tensors
-against a base model is left to the slot pool (:mod:`adapters.validation`).
+against a base model is left to the slot pool (:mod:`tessera.adapters.validation`).
 """
 
 from __future__ import annotations
@@ -35,10 +35,14 @@ from typing import Any
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from adapters import registry
-from adapters.errors import AdapterValidationError, UnsafeFormatError, UnsupportedAdapterError
-from adapters.method import Adapter, Component, MethodConfig, Probability
-from adapters.safeio import UNSAFE_SUFFIXES, read_safetensors
+from tessera.adapters import registry
+from tessera.adapters.errors import (
+    AdapterValidationError,
+    UnsafeFormatError,
+    UnsupportedAdapterError,
+)
+from tessera.adapters.method import Adapter, Component, MethodConfig, Probability
+from tessera.adapters.safeio import UNSAFE_SUFFIXES, read_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -10,8 +10,8 @@ Usage::
 
 ``prepare`` (validate + lower) and ``write`` (copy into a slot) are separate so a server can
 prepare off the forward loop and only copy under its lock. Both refuse a lowered tensor that
-is not finite in the banks' dtype (:func:`adapters.validation.check_lowered`): lowering folds
-config scalars into the weights, so finite uploads can still overflow.
+is not finite in the banks' dtype (:func:`tessera.adapters.validation.check_lowered`):
+lowering folds config scalars into the weights, so finite uploads can still overflow.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from adapters import registry
-from adapters import targets as tg
-from adapters.banks import BANKS, Bank
-from adapters.errors import AdapterValidationError, PoolError
-from adapters.layer import AdapterLayer
-from adapters.method import Adapter, Limits, Method, MethodConfig, SlotData, Tensors
-from adapters.plan import SlotPlan, use_plan
-from adapters.validation import check_lowered, validate_component
+from tessera.adapters import registry
+from tessera.adapters import targets as tg
+from tessera.adapters.banks import BANKS, Bank
+from tessera.adapters.errors import AdapterValidationError, PoolError
+from tessera.adapters.layer import AdapterLayer
+from tessera.adapters.method import Adapter, Limits, Method, MethodConfig, SlotData, Tensors
+from tessera.adapters.plan import SlotPlan, use_plan
+from tessera.adapters.validation import check_lowered, validate_component
 
 
 class PoolConfig(BaseModel):

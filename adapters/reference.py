@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters import targets as tg
-from adapters.method import Adapter, Tensors
-from adapters.pool import Part, parts_by_module
-from adapters.targets import TargetInfo
+from tessera.adapters import targets as tg
+from tessera.adapters.method import Adapter, Tensors
+from tessera.adapters.pool import Part, parts_by_module
+from tessera.adapters.targets import TargetInfo
 
 
 class ReferenceLayer(nn.Module):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from adapters.errors import UnknownMethodError
-from adapters.method import Method
+from tessera.adapters.errors import UnknownMethodError
+from tessera.adapters.method import Method
 
 
 class Generator(Protocol):

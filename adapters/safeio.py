@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from adapters.errors import AdapterValidationError, UnsafeFormatError
+from tessera.adapters.errors import AdapterValidationError, UnsafeFormatError
 
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own header cap

@@ -64,7 +64,7 @@ def discover(model: nn.Module) -> dict[str, TargetInfo]:
         if any(path.startswith(f"{w}.") for w in wrapped):
             continue  # the base layer inside a wrapper: reported under the wrapper's path
         wrapped_target = getattr(module, "target", None)
-        if isinstance(wrapped_target, TargetInfo):  # an adapters.layer.AdapterLayer
+        if isinstance(wrapped_target, TargetInfo):  # an tessera.adapters.layer.AdapterLayer
             found[path] = wrapped_target
             wrapped.append(path)
         elif module is not lm_head and isinstance(module, (nn.Linear, Conv1D)):

@@ -6,10 +6,10 @@ from collections.abc import Mapping
 
 import torch
 
-from adapters import registry
-from adapters.errors import AdapterValidationError
-from adapters.method import Component, Limits, SlotData
-from adapters.targets import TargetInfo
+from tessera.adapters import registry
+from tessera.adapters.errors import AdapterValidationError
+from tessera.adapters.method import Component, Limits, SlotData
+from tessera.adapters.targets import TargetInfo
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -13,7 +13,7 @@ are what to compare (one run, one machine, side by side).
 adapters on hidden 1024; the base and the adapter steps are timed alternately (drift hits
 both) and the ratio per count is printed and written to JSON. ``--forms``: the low-rank
 bank's gather-mode forms timed one module at a time on the same shape (the numbers behind
-``adapters.banks.lowrank.choose_form``).
+``tessera.adapters.banks.lowrank.choose_form``).
 
     python -m bench.decode_step --sweep        # issue 8's table
     python -m bench.decode_step --forms --reps 10
@@ -37,11 +37,11 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from adapters import Adapter, Component, PoolConfig, SlotPool, registry
-from adapters.banks.lowrank import LowRankBank, choose_form
-from adapters.methods.lora import LoraConfig
-from adapters.peft_io import load_peft_dir
-from adapters.plan import Routing
+from tessera.adapters import Adapter, Component, PoolConfig, SlotPool, registry
+from tessera.adapters.banks.lowrank import LowRankBank, choose_form
+from tessera.adapters.methods.lora import LoraConfig
+from tessera.adapters.peft_io import load_peft_dir
+from tessera.adapters.plan import Routing
 from tests.factories import FACTORIES
 from tests.factories.lora import lora_modules
 

@@ -36,9 +36,9 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from adapters import Adapter, Component
-from adapters.methods.lora import LoraConfig
-from engine import AdapterSpec, Engine, GenerationRequest, SamplingParams
+from tessera.adapters import Adapter, Component
+from tessera.adapters.methods.lora import LoraConfig
+from tessera.engine import AdapterSpec, Engine, GenerationRequest, SamplingParams
 from tests.factories.lora import lora_modules
 from tests.live import HermeticSettings
 

@@ -44,8 +44,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from adapters import artifact
-from engine import builtin
+from tessera.adapters import artifact
+from tessera.engine import builtin
 from tests.factories import FACTORIES
 from tests.live import (
     HermeticServerSettings,

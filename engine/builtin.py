@@ -4,7 +4,7 @@ A tiny Llama-shaped causal LM with deterministic (seeded) random weights and a b
 tokenizer built locally with ``tokenizers``: the 256 bytes are the vocabulary (no merges),
 so any UTF-8 text round-trips exactly, plus a few special tokens and a small chat template.
 It is materialised once into a directory with ``save_pretrained`` and then loaded through
-the same path as any local model (:mod:`engine.model`). Nothing is ever downloaded.
+the same path as any local model (:mod:`tessera.engine.model`). Nothing is ever downloaded.
 
 The weights are random: the text it generates is noise. It exists so a fresh machine can
 start the server, exercise every adapter method and run the tests.

@@ -11,7 +11,7 @@ per forward (batch size, adapters per row: metrics, hot-tenant share of recent t
 ``engine.base`` gives the model and tokenizer; the per-request loader is where host cache /
 Redis / HyperLoader generation plug in.
 
-Hot tenants (:mod:`engine.hot`): the policy serves a busy adapter's new rows from a merged
+Hot tenants (:mod:`tessera.engine.hot`): the policy serves a busy adapter's new rows from a merged
 copy kept beside the base; admins pin with ``await engine.pin(spec)`` / ``engine.unpin(key)``;
 ``engine.is_merged(key)`` and ``engine.stats().hot`` (merged share of recent tokens) are
 for metrics.
@@ -26,23 +26,23 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from adapters import Adapter, SlotPool
-from adapters.targets import TargetInfo
-from engine.detok import TextStream
-from engine.errors import (
+from tessera.adapters import Adapter, SlotPool
+from tessera.adapters.targets import TargetInfo
+from tessera.engine.detok import TextStream
+from tessera.engine.errors import (
     ContextLengthError,
     EngineStoppedError,
     PromptTooLargeError,
     RequestValidationError,
 )
-from engine.hot import HotStats, HotTenants
-from engine.model import LoadedModel, load_base
-from engine.requests import AdapterSpec, GenerationRequest, RequestHandle
-from engine.sampling import Sampler
-from engine.scheduler import Scheduler, StepReport
-from engine.settings import EngineSettings
-from engine.slots import SlotManager, SlotStats
-from engine.step import Row, Stepper
+from tessera.engine.hot import HotStats, HotTenants
+from tessera.engine.model import LoadedModel, load_base
+from tessera.engine.requests import AdapterSpec, GenerationRequest, RequestHandle
+from tessera.engine.sampling import Sampler
+from tessera.engine.scheduler import Scheduler, StepReport
+from tessera.engine.settings import EngineSettings
+from tessera.engine.slots import SlotManager, SlotStats
+from tessera.engine.step import Row, Stepper
 
 log = logging.getLogger(__name__)
 

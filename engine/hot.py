@@ -19,12 +19,12 @@ bottleneck: no gain, one more path.) Eligibility is known once the adapter is lo
 ineligible key is remembered and never tried again.
 
 A merged *variant* (:func:`build_variant`) is a structural copy of the base model whose
-targeted projections hold new tensors from ``adapters.merged_weights``; every other module
+targeted projections hold new tensors from ``tessera.adapters.merged_weights``; every other module
 shares the base's parameter and buffer tensors (no copy), and the slot-pool wrappers are
 left out (a merged row needs no slot). It is built in a load worker thread, off the
 forward loop; it becomes visible to the scheduler on the loop thread, so the switch
 happens between steps. A new row of a merged adapter runs on the variant, as a separate
-forward group with its own KV cache (:mod:`engine.step`); rows keep the path they started
+forward group with its own KV cache (:mod:`tessera.engine.step`); rows keep the path they started
 on until they finish (a dropped variant lives on until its last row ends). The base
 model's parameters are never written.
 """
@@ -44,10 +44,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapters import Adapter, NotMergeableError, merged_weights, registry
-from adapters import targets as tg
-from engine.settings import EngineSettings
-from engine.slots import AdapterLoader
+from tessera.adapters import Adapter, NotMergeableError, merged_weights, registry
+from tessera.adapters import targets as tg
+from tessera.engine.settings import EngineSettings
+from tessera.engine.slots import AdapterLoader
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 ``trust_remote_code`` is always off; files are read locally (``local_files_only=True``)
 unless the settings allow hub downloads. With no model configured, the built-in model
-(:mod:`engine.builtin`) is materialised and loaded through the same path.
+(:mod:`tessera.engine.builtin`) is materialised and loaded through the same path.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from engine import builtin
-from engine.errors import RequestValidationError
-from engine.settings import EngineSettings
+from tessera.engine import builtin
+from tessera.engine.errors import RequestValidationError
+from tessera.engine.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 

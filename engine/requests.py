@@ -21,8 +21,8 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from typing import Literal
 
-from engine.sampling import SamplingParams
-from engine.slots import AdapterLoader
+from tessera.engine.sampling import SamplingParams
+from tessera.engine.slots import AdapterLoader
 
 FinishReason = Literal["stop", "length", "cancelled", "shutdown"]
 

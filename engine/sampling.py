@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.errors import RowError
+from tessera.engine.errors import RowError
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy: 1/T would overflow the logits
 MAX_LOGPROBS = 20  # top alternatives a request may ask for (OpenAI's limit)

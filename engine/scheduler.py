@@ -11,11 +11,11 @@ Every iteration of :meth:`Scheduler._run`:
    per row — then prefill chunks of joining rows (their first token comes out of it);
 4. deliver the step's events to the requests' handles; finished rows are unpinned.
 
-A waiting request of an adapter the hot-tenant policy serves merged (:mod:`engine.hot`)
+A waiting request of an adapter the hot-tenant policy serves merged (:mod:`tessera.engine.hot`)
 joins without a slot, on the merged variant ``variant_of(key)`` returns at admission.
 
 A request submitted during a step joins at the next one. The asyncio loop never runs
-a forward, so it stays responsive. KV cache layout and costs: :mod:`engine.kvcache`.
+a forward, so it stays responsive. KV cache layout and costs: :mod:`tessera.engine.kvcache`.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from engine.errors import AdapterLoadError, EngineStoppedError, QueueFullError, StepError
-from engine.requests import FinishReason, TokenEvent
-from engine.settings import EngineSettings
-from engine.slots import SlotManager
-from engine.step import Row, Stepper, StepPlan, StepResult
+from tessera.engine.errors import AdapterLoadError, EngineStoppedError, QueueFullError, StepError
+from tessera.engine.requests import FinishReason, TokenEvent
+from tessera.engine.settings import EngineSettings
+from tessera.engine.slots import SlotManager
+from tessera.engine.step import Row, Stepper, StepPlan, StepResult
 
 log = logging.getLogger(__name__)
 

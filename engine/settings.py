@@ -10,7 +10,7 @@ import torch
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from adapters import PoolConfig
+from tessera.adapters import PoolConfig
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Device = Literal["cpu", "cuda", "auto"]
@@ -26,7 +26,7 @@ class EngineSettings(BaseSettings):
     # --- base model ---------------------------------------------------------------------
     model: str | None = Field(
         None, description="local directory or hub id of the base model; None = the small "
-                          "built-in model (engine.builtin), materialised into builtin_dir")
+                          "built-in model (tessera.engine.builtin), materialised into builtin_dir")
     allow_download: bool = Field(
         False, description="let a hub id download; otherwise only local files / the local "
                            "HF cache are read (local_files_only=True)")
@@ -72,7 +72,7 @@ class EngineSettings(BaseSettings):
     retry_after_min_s: int = Field(1, ge=1)
     retry_after_max_s: int = Field(60, ge=1)
 
-    # --- hot tenants (engine.hot) ---------------------------------------------------------
+    # --- hot tenants (tessera.engine.hot) ---------------------------------------------------------
     hot_max_merged: int = Field(
         2, ge=0, description="adapters served from merged weights at once by the automatic "
                              "policy (admin pins come on top); 0 = policy off")

@@ -26,8 +26,8 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from adapters import Adapter, PreparedAdapter, SlotPool
-from engine.errors import AdapterLoadError
+from tessera.adapters import Adapter, PreparedAdapter, SlotPool
+from tessera.engine.errors import AdapterLoadError
 
 log = logging.getLogger(__name__)
 

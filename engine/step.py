@@ -2,7 +2,7 @@
 (every adapter and method in one forward, slot ids per row), chunked prefill of newly
 admitted rows, sampling and detokenization.
 
-Rows of a hot adapter admitted while it is merged (:mod:`engine.hot`) carry their merged
+Rows of a hot adapter admitted while it is merged (:mod:`tessera.engine.hot`) carry their merged
 model in ``Row.variant``: they form one more forward group per variant, with its own KV
 cache, run beside the main (slot-pool) group each step. A row stays in its group until it
 finishes.
@@ -12,10 +12,10 @@ the scheduler's queues. Each step returns the events to deliver.
 
 Failures are contained where they belong: a row whose sampling, stop strings,
 detokenization or logits (NaN from its adapter) fail is dropped from the batch and reported
-in ``StepResult.failed`` with a :class:`~engine.errors.RowError`; a prefill forward runs one
+in ``StepResult.failed`` with a :class:`~tessera.engine.errors.RowError`; a prefill forward runs one
 request, so its failure is that request's; a decode forward that fails is retried once
 (its cache is untouched), then fails the rows of that forward group only
-(:class:`~engine.errors.StepError`), and the other groups go on.
+(:class:`~tessera.engine.errors.StepError`), and the other groups go on.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from adapters import SlotPool
-from engine.detok import TextStream
-from engine.errors import RowError, StepError
-from engine.kvcache import KV, BatchCache, cache_tensors
-from engine.model import LoadedModel
-from engine.requests import FinishReason, RequestHandle, TokenEvent
-from engine.sampling import NonFiniteLogitsError, Picked, Sampler, pick_batch
-from engine.slots import AdapterLoader, Write
+from tessera.adapters import SlotPool
+from tessera.engine.detok import TextStream
+from tessera.engine.errors import RowError, StepError
+from tessera.engine.kvcache import KV, BatchCache, cache_tensors
+from tessera.engine.model import LoadedModel
+from tessera.engine.requests import FinishReason, RequestHandle, TokenEvent
+from tessera.engine.sampling import NonFiniteLogitsError, Picked, Sampler, pick_batch
+from tessera.engine.slots import AdapterLoader, Write
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
-from server.client import DEFAULT_URL
+from tessera.server.client import DEFAULT_URL
 
 if TYPE_CHECKING:
-    from server.server_settings import ServerSettings
+    from tessera.server.server_settings import ServerSettings
 
 log = logging.getLogger("tessera.admin_key")
 

@@ -1,10 +1,10 @@
 """``create_app(settings)``: the FastAPI application.
 
-The lifespan opens the store (:func:`store.open.open_store`: an embedded redis-server when
+The lifespan opens the store (:func:`tessera.store.open.open_store`: an embedded redis-server when
 no URL is configured) and starts the engine, and on shutdown drains the engine, then closes
 the store. An ``engine`` or ``store`` passed in belongs to the caller: it must already be
-started and is not stopped here. ``app.state.engine`` (:class:`engine.core.Engine`),
-``app.state.store`` (:class:`store.resilient.CachedStore`) and ``app.state.service`` are
+started and is not stopped here. ``app.state.engine`` (:class:`tessera.engine.core.Engine`),
+``app.state.store`` (:class:`tessera.store.resilient.CachedStore`) and ``app.state.service`` are
 set while the app runs (metrics read stats from them).
 """
 
@@ -17,14 +17,14 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from engine.core import Engine
-from server import http_errors
-from server.api import hyper, infer, manage, openapi, ops
-from server.limits import BodyLimit
-from server.metrics import Metrics
-from server.server_settings import ServerSettings
-from server.service import Service, decoded_size
-from store.open import StoreHandle, open_store
+from tessera.engine.core import Engine
+from tessera.server import http_errors
+from tessera.server.api import hyper, infer, manage, openapi, ops
+from tessera.server.limits import BodyLimit
+from tessera.server.metrics import Metrics
+from tessera.server.server_settings import ServerSettings
+from tessera.server.service import Service, decoded_size
+from tessera.store.open import StoreHandle, open_store
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def create_app(settings: ServerSettings, *, engine: Engine | None = None,
                 await eng.start()
                 stack.push_async_callback(eng.stop)  # drains in-flight requests first
             app.state.engine = eng
-            app.state.owns_engine = engine is None  # drained by server.runner on shutdown
+            app.state.owns_engine = engine is None  # drained by tessera.server.runner on shutdown
             app.state.store = cached
             app.state.store_handle = handle
             app.state.service = service = Service(settings, eng, cached, metrics)

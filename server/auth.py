@@ -9,8 +9,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.http_errors import ApiError, unauthorized
-from server.service import Service, get_service
+from tessera.server.http_errors import ApiError, unauthorized
+from tessera.server.service import Service, get_service
 
 ADMIN_DISABLED = ("admin endpoints are disabled: no admin key is configured (set "
                   "TESSERA_ADMIN_KEY)")

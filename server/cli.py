@@ -9,16 +9,16 @@
     tessera list {adapters,tasks}                   # tenant key
 
 ``serve`` takes its settings from ``TESSERA_*`` / ``TESSERA_STORE_*`` environment
-variables (see :class:`server.server_settings.ServerSettings`); a flag given on the command
+variables (see :class:`tessera.server.server_settings.ServerSettings`); a flag given on the command
 line wins over the environment. It runs uvicorn; SIGTERM or Ctrl-C stops accepting
 connections, lets open requests finish (``--drain-timeout`` seconds), drains the engine in
 the app's lifespan, stops the embedded Redis (if any) and exits 0.
 
 With no ``TESSERA_ADMIN_KEY``, ``serve`` generates an admin key on its first start, keeps
-it in a 0600 file and reuses it later (:mod:`server.admin_key`).
+it in a 0600 file and reuses it later (:mod:`tessera.server.admin_key`).
 
 The admin commands talk to a running server over HTTP through
-:class:`server.client.TesseraClient`: ``--url`` (``TESSERA_URL``, default
+:class:`tessera.server.client.TesseraClient`: ``--url`` (``TESSERA_URL``, default
 ``http://127.0.0.1:8000``) and ``--key`` (default ``TESSERA_ADMIN_KEY`` for
 ``create-tenant``, ``TESSERA_API_KEY`` otherwise). Output is the server's JSON (``list``:
 each adapter with its versions). This module imports no torch, transformers, pydantic or
@@ -37,15 +37,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server.client import (
+from tessera.server.client import (
     DEFAULT_URL,
     TesseraClient,
     TesseraConnectionError,
     TesseraError,
 )
 
-if TYPE_CHECKING:  # the settings import torch (engine.settings): loaded by `serve` only
-    from server.server_settings import ServerSettings
+if TYPE_CHECKING:  # the settings import torch (tessera.engine.settings): loaded by `serve` only
+    from tessera.server.server_settings import ServerSettings
 
 log = logging.getLogger("tessera.cli")
 
@@ -110,9 +110,9 @@ def serve_settings(args: argparse.Namespace, base: ServerSettings | None = None
     the command line applied; the result is validated like the environment is."""
     from pydantic import ValidationError
 
-    from engine.settings import EngineSettings
-    from server.server_settings import ServerSettings
-    from store.settings import StoreSettings
+    from tessera.engine.settings import EngineSettings
+    from tessera.server.server_settings import ServerSettings
+    from tessera.store.settings import StoreSettings
 
     try:
         base = base if base is not None else ServerSettings()
@@ -134,10 +134,10 @@ def serve_settings(args: argparse.Namespace, base: ServerSettings | None = None
 
 # --- serve ---------------------------------------------------------------------------------
 def serve(args: argparse.Namespace) -> int:
-    from server.admin_key import AdminKeyError, ensure_admin_key
-    from server.app import create_app
-    from server.logs import configure_logging, json_format_of
-    from server.runner import TesseraServer
+    from tessera.server.admin_key import AdminKeyError, ensure_admin_key
+    from tessera.server.app import create_app
+    from tessera.server.logs import configure_logging, json_format_of
+    from tessera.server.runner import TesseraServer
 
     configure_logging(args.log_level, json_format=json_format_of(args.log_format))
     settings = serve_settings(args)

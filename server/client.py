@@ -28,7 +28,7 @@ from urllib.parse import quote
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-# the files of a PEFT adapter folder the server reads (adapters.peft_io's names)
+# the files of a PEFT adapter folder the server reads (tessera.adapters.peft_io's names)
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError as PydanticRequestError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters.errors import (
+from tessera.adapters.errors import (
     AdapterError,
     AdapterValidationError,
     NotMergeableError,
@@ -27,7 +27,7 @@ from adapters.errors import (
     UnsafeFormatError,
     UnsupportedAdapterError,
 )
-from engine.errors import (
+from tessera.engine.errors import (
     AdapterLoadError,
     ContextLengthError,
     EngineError,
@@ -37,10 +37,10 @@ from engine.errors import (
     RowError,
     StepError,
 )
-from engine.errors import RequestValidationError as EngineRequestError
-from server.openai_schemas import UNSUPPORTED_ERROR
-from server.schemas import NAME_ERROR
-from store.errors import (
+from tessera.engine.errors import RequestValidationError as EngineRequestError
+from tessera.server.openai_schemas import UNSUPPORTED_ERROR
+from tessera.server.schemas import NAME_ERROR
+from tessera.store.errors import (
     ConflictError,
     IntegrityError,
     InvalidNameError,

@@ -23,18 +23,18 @@ from collections.abc import Callable
 
 import torch
 
-from adapters import artifact
-from adapters.errors import AdapterValidationError
-from adapters.hypernet import HyperLoaderConfig, HyperNetwork
-from adapters.method import Adapter
-from adapters.methods.hyperloader import HYPERLOADER
-from adapters.safeio import read_safetensors, write_safetensors
-from engine.core import Engine
-from engine.requests import AdapterSpec
-from server.uploads import DecodedAdapter, decoded
-from store.models import Binding, HypernetVersion
-from store.names import check_name
-from store.resilient import CachedStore
+from tessera.adapters import artifact
+from tessera.adapters.errors import AdapterValidationError
+from tessera.adapters.hypernet import HyperLoaderConfig, HyperNetwork
+from tessera.adapters.method import Adapter
+from tessera.adapters.methods.hyperloader import HYPERLOADER
+from tessera.adapters.safeio import read_safetensors, write_safetensors
+from tessera.engine.core import Engine
+from tessera.engine.requests import AdapterSpec
+from tessera.server.uploads import DecodedAdapter, decoded
+from tessera.store.models import Binding, HypernetVersion
+from tessera.store.names import check_name
+from tessera.store.resilient import CachedStore
 
 log = logging.getLogger(__name__)
 

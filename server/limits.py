@@ -8,7 +8,7 @@ discarded (never kept), so an ordinary client that sends its whole body before r
 gets its 413 instead of a reset connection; a bigger body is cut off there.
 
 Multipart bodies (adapter and hypernetwork uploads, which
-:func:`server.uploads.read_form` streams and counts itself) get the upload limit;
+:func:`tessera.server.uploads.read_form` streams and counts itself) get the upload limit;
 everything else (JSON) gets the much smaller request limit, so a 300 MiB JSON body is
 never parsed.
 """
@@ -19,7 +19,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.http_errors import error_body
+from tessera.server.http_errors import error_body
 
 DRAIN_CAP = 8 * 1024 * 1024  # bytes of a refused body read and thrown away before the 413
 

@@ -13,7 +13,7 @@ whose formatter writes every one of them:
 
 uvicorn's loggers (``uvicorn``, ``uvicorn.error``, ``uvicorn.access``) lose their own
 handlers and propagate to the same one (start uvicorn with ``log_config=None``, as
-:class:`server.runner.TesseraServer` does); an access line also gets ``client``,
+:class:`tessera.server.runner.TesseraServer` does); an access line also gets ``client``,
 ``http_method``, ``path``, ``http_version`` and ``status_code`` fields.
 
 Request context: :func:`bind_request` adds fields (``request_id``, ``tenant``, ``model``,

@@ -35,12 +35,12 @@ from prometheus_client.registry import Collector
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from adapters import registry
-from engine.core import Engine, EngineStats
-from engine.errors import EngineStoppedError
-from engine.scheduler import StepReport
-from store.cache import CacheStats
-from store.embedded import EmbeddedStats
+from tessera.adapters import registry
+from tessera.engine.core import Engine, EngineStats
+from tessera.engine.errors import EngineStoppedError
+from tessera.engine.scheduler import StepReport
+from tessera.store.cache import CacheStats
+from tessera.store.embedded import EmbeddedStats
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class Metrics:
     def bind_engine(self, stats: Callable[[], EngineStats],
                     method_of: Callable[[str], str | None] | None = None) -> None:
         """Read ``stats()`` at each scrape (``engine.stats``); ``method_of(key)`` names an
-        adapter key's method for the step series (``engine.slots.method_of``)."""
+        adapter key's method for the step series (``tessera.engine.slots.method_of``)."""
         self._state.engine = stats
         if method_of is not None:
             self._method_of = method_of

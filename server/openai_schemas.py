@@ -1,6 +1,6 @@
 """OpenAI-compatible bodies (``/v1/completions``, ``/v1/chat/completions``,
 ``/v1/models``): requests, answers and stream chunks in OpenAI's shapes, on the strict base
-types of :mod:`server.schemas`. OpenAI fields tessera does not implement are refused
+types of :mod:`tessera.server.schemas`. OpenAI fields tessera does not implement are refused
 (400 naming the field) unless they carry their neutral value."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from engine.sampling import MAX_LOGPROBS
-from server.schemas import Integral, MaxTokens, Messages, Prompt, Sampling, Strict
+from tessera.engine.sampling import MAX_LOGPROBS
+from tessera.server.schemas import Integral, MaxTokens, Messages, Prompt, Sampling, Strict
 
 
 class StreamOptions(Strict):
@@ -28,7 +28,7 @@ UNSUPPORTED_OPENAI_FIELDS: dict[str, Any] = {
     "tools": None, "tool_choice": None, "parallel_tool_calls": None, "functions": None,
     "function_call": None, "response_format": None, "audio": None, "modalities": None,
     "prediction": None, "web_search_options": None, "reasoning_effort": None}
-UNSUPPORTED_ERROR = "unsupported_field"  # answered 400 by server.http_errors
+UNSUPPORTED_ERROR = "unsupported_field"  # answered 400 by tessera.server.http_errors
 
 
 class OpenAISampling(Sampling):

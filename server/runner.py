@@ -11,7 +11,7 @@ close the connections (its own wait is the drain plus a short grace for the last
 
 The CLI's ``serve`` and the tests' live server both run this class. Logging is the
 application's: by default (``log_config=None``) uvicorn installs no handlers of its own and
-its loggers propagate to the root logger (:func:`server.logs.configure_logging` in the CLI);
+its loggers propagate to the root logger (:func:`tessera.server.logs.configure_logging` in the CLI);
 pass uvicorn's ``LOGGING_CONFIG`` (or a file name) to have uvicorn configure them itself.
 """
 

@@ -5,7 +5,7 @@ with the server: request bodies are strict (JSON types are not coerced: ``"ignor
 and ``"prompt": [false]`` are refused, not read as booleans / integers), unknown fields are
 refused where a typo would silently change behaviour, optional fields whose ``null`` would
 be ambiguous must be omitted rather than sent as ``null``, and every name carries the name
-rule of :mod:`store.names` (its regex, plus its "no ``..``" rule as a lookahead).
+rule of :mod:`tessera.store.names` (its regex, plus its "no ``..``" rule as a lookahead).
 """
 
 from __future__ import annotations
@@ -23,22 +23,22 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from store.errors import InvalidNameError
-from store.models import AdapterVersion, Binding, HypernetVersion
-from store.names import MAX_NAME_LENGTH, NAME_RE, check_name
+from tessera.store.errors import InvalidNameError
+from tessera.store.models import AdapterVersion, Binding, HypernetVersion
+from tessera.store.names import MAX_NAME_LENGTH, NAME_RE, check_name
 
 # --- names ------------------------------------------------------------------------------
-# The schema's pattern is store.names' regex, anchored, with check_name's "no '..'" rule as
+# The schema's pattern is tessera.store.names' regex, anchored, with check_name's "no '..'" rule as
 # a lookahead; validation is check_name itself (so its message, answered 400 invalid_name
-# by server.http_errors for a body field and a path parameter alike).
+# by tessera.server.http_errors for a body field and a path parameter alike).
 NAME_PATTERN = rf"^(?!.*\.\.)(?:{NAME_RE.pattern})$"
 NAME_SCHEMA: dict[str, Any] = {"pattern": NAME_PATTERN, "minLength": 1,
                                "maxLength": MAX_NAME_LENGTH}
-NAME_ERROR = "invalid_name"  # the validation error type server.http_errors answers 400
+NAME_ERROR = "invalid_name"  # the validation error type tessera.server.http_errors answers 400
 
 
 def name_rule(what: str) -> AfterValidator:
-    """Validate a name with :func:`store.names.check_name` (error type ``invalid_name``)."""
+    """Validate a name with :func:`tessera.store.names.check_name` (error type ``invalid_name``)."""
 
     def check(value: str) -> str:
         try:
@@ -242,7 +242,7 @@ class TaskList(BaseModel):
 # Static ceilings, enforced here (422); the engine's configured limits apply on top of them
 # (EngineSettings.max_tokens_limit, max_stop_sequences, max_stop_length; defaults 4096, 8,
 # 128), answered 400 naming the limit, as is prompt + max_tokens over the context. The
-# OpenAPI document states the tighter of the two (server.api.openapi.document_limits).
+# OpenAPI document states the tighter of the two (tessera.server.api.openapi.document_limits).
 MAX_TOKENS_CAP = 1 << 20
 MAX_STOP_SEQUENCES_CAP = 64
 MAX_STOP_LENGTH_CAP = 1024

@@ -1,4 +1,4 @@
-"""Settings of the HTTP server: passed to :func:`server.app.create_app` (``TESSERA_*``
+"""Settings of the HTTP server: passed to :func:`tessera.server.app.create_app` (``TESSERA_*``
 environment variables when built with ``ServerSettings()``; the engine's own fields keep
 their ``TESSERA_*`` names, the store's ``TESSERA_STORE_*``). Nothing is read at import."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engine.settings import EngineSettings
-from store.settings import StoreSettings
+from tessera.engine.settings import EngineSettings
+from tessera.store.settings import StoreSettings
 
 
 class ServerSettings(BaseSettings):

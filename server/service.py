@@ -1,11 +1,11 @@
 """Glue between the routes, the store and the engine.
 
-* uploads: parse (``server.uploads``), decode and validate against the loaded base and
+* uploads: parse (``tessera.server.uploads``), decode and validate against the loaded base and
   the slot pool's limits in a worker thread, then store a new immutable version;
 * inference: a model/task name -> the task's binding -> an :class:`AdapterSpec` whose key
   names the immutable version (and its weights) and whose loader reads the host cache /
   Redis through ``CachedStore.load_adapter``; a task bound to a HyperLoader task gets
-  :meth:`server.hyperloader.HyperLoaderService.spec` (generated on first use).
+  :meth:`tessera.server.hyperloader.HyperLoaderService.spec` (generated on first use).
 """
 
 from __future__ import annotations
@@ -20,20 +20,20 @@ from typing import Any
 from fastapi import Request
 from prometheus_client import CollectorRegistry
 
-from adapters.method import Adapter
-from engine.core import Engine
-from engine.errors import EngineStoppedError
-from engine.requests import AdapterSpec, GenerationRequest, RequestHandle
-from engine.sampling import SamplingParams
-from server.http_errors import not_found
-from server.hyperloader import HyperLoaderService
-from server.metrics import LoadSource, Metrics
-from server.schemas import Activate
-from server.server_settings import ServerSettings
-from server.uploads import DecodedAdapter, Upload, decode, decoded
-from store.models import AdapterVersion, Binding
-from store.names import check_name
-from store.resilient import CachedStore, weights_key
+from tessera.adapters.method import Adapter
+from tessera.engine.core import Engine
+from tessera.engine.errors import EngineStoppedError
+from tessera.engine.requests import AdapterSpec, GenerationRequest, RequestHandle
+from tessera.engine.sampling import SamplingParams
+from tessera.server.http_errors import not_found
+from tessera.server.hyperloader import HyperLoaderService
+from tessera.server.metrics import LoadSource, Metrics
+from tessera.server.schemas import Activate
+from tessera.server.server_settings import ServerSettings
+from tessera.server.uploads import DecodedAdapter, Upload, decode, decoded
+from tessera.store.models import AdapterVersion, Binding
+from tessera.store.names import check_name
+from tessera.store.resilient import CachedStore, weights_key
 
 
 def decode_record(weights: bytes, record: AdapterVersion) -> DecodedAdapter:

@@ -25,12 +25,12 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from adapters import artifact
-from adapters.errors import AdapterValidationError, UnsafeFormatError
-from adapters.method import Adapter
-from adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME, load_peft
-from adapters.safeio import UNSAFE_SUFFIXES, refuse_unsafe_name
-from server.http_errors import ApiError
+from tessera.adapters import artifact
+from tessera.adapters.errors import AdapterValidationError, UnsafeFormatError
+from tessera.adapters.method import Adapter
+from tessera.adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME, load_peft
+from tessera.adapters.safeio import UNSAFE_SUFFIXES, refuse_unsafe_name
+from tessera.server.http_errors import ApiError
 
 UploadFormat = Literal["peft", "tessera"]
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from store.base import StoreBase, VersionedPut, check_version, now, raise_for
-from store.blobs import digest
-from store.client import translate_errors
-from store.errors import InvalidNameError, NotFoundError
-from store.models import (
+from tessera.store.base import StoreBase, VersionedPut, check_version, now, raise_for
+from tessera.store.blobs import digest
+from tessera.store.client import translate_errors
+from tessera.store.errors import InvalidNameError, NotFoundError
+from tessera.store.models import (
     ADAPTER_DELETED,
     ADAPTER_PUT,
     FORMATS,
@@ -24,9 +24,9 @@ from store.models import (
     event_json,
     text,
 )
-from store.names import check_name
+from tessera.store.names import check_name
 
-log = logging.getLogger("store.adapters")
+log = logging.getLogger("tessera.store.adapters")
 
 
 def check_format(value: str) -> AdapterFormat:

@@ -1,4 +1,4 @@
-"""What every part of :class:`store.store.AdapterStore` shares: the connection, the key
+"""What every part of :class:`tessera.store.store.AdapterStore` shares: the connection, the key
 builder, the settings, the blob layer, the scripts, and the commit loop."""
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from store import lua
-from store.blobs import BlobRef, Blobs
-from store.client import translate_errors
-from store.errors import (
+from tessera.store import lua
+from tessera.store.blobs import BlobRef, Blobs
+from tessera.store.client import translate_errors
+from tessera.store.errors import (
     ConflictError,
     NotFoundError,
     StoreFullError,
     StoreUnavailableError,
 )
-from store.keys import Keys
-from store.settings import StoreSettings
+from tessera.store.keys import Keys
+from tessera.store.settings import StoreSettings
 
 log = logging.getLogger("store")
 
@@ -92,7 +92,7 @@ class StoreBase:
 
     async def _commit_with_blob(self, action: str, data: bytes, sha256: str,
                                 attempt: Callable[[BlobRef], Awaitable[Result]]) -> Result:
-        """The upload loop of :mod:`store.blobs`: stage only when the blob is not stored
+        """The upload loop of :mod:`tessera.store.blobs`: stage only when the blob is not stored
         (or vanished: NEED_DATA), retry on RETRY, drop unused staged chunks."""
         staged: BlobRef | None = None
         must_stage = False

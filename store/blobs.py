@@ -9,7 +9,7 @@ Writing, and the upload-vs-delete race
 --------------------------------------
 An upload first *stages* its chunks under keys private to that upload
 (``Keys.upload_chunk(upload_id, i)``, with a TTL so a crashed uploader leaves nothing
-behind for long), then one Lua script (:mod:`store.lua`) references the blob together with
+behind for long), then one Lua script (:mod:`tessera.store.lua`) references the blob together with
 the record that uses it. Inside that script, atomically:
 
 * the blob exists -> ``refs += 1``, the staged copy is deleted;
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from redis import exceptions as rex
 from redis.asyncio import Redis
 
-from store.errors import IntegrityError, NotFoundError
-from store.keys import Keys
+from tessera.store.errors import IntegrityError, NotFoundError
+from tessera.store.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ async def digest(data: bytes) -> str:
 
 @dataclass(frozen=True)
 class BlobRef:
-    """The acquire section of a write script (see :mod:`store.lua`)."""
+    """The acquire section of a write script (see :mod:`tessera.store.lua`)."""
 
     sha256: str
     size: int

@@ -11,8 +11,8 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from store.errors import StoreFullError, StoreUnavailableError
-from store.settings import StoreSettings
+from tessera.store.errors import StoreFullError, StoreUnavailableError
+from tessera.store.settings import StoreSettings
 
 
 def connect(url: str, settings: StoreSettings) -> Redis:

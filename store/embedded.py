@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from store.errors import StoreUnavailableError
+from tessera.store.errors import StoreUnavailableError
 
 log = logging.getLogger(__name__)
 

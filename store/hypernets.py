@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from store.adapters import check_format, check_metadata
-from store.base import StoreBase, VersionedPut, check_version, now, raise_for
-from store.blobs import digest
-from store.client import translate_errors
-from store.errors import NotFoundError
-from store.models import (
+from tessera.store.adapters import check_format, check_metadata
+from tessera.store.base import StoreBase, VersionedPut, check_version, now, raise_for
+from tessera.store.blobs import digest
+from tessera.store.client import translate_errors
+from tessera.store.errors import NotFoundError
+from tessera.store.models import (
     GENERATED_PUT,
     HYPERNET_DELETED,
     HYPERNET_PUT,
@@ -29,9 +29,9 @@ from store.models import (
     event_json,
     text,
 )
-from store.names import check_name
+from tessera.store.names import check_name
 
-log = logging.getLogger("store.hypernets")
+log = logging.getLogger("tessera.store.hypernets")
 
 
 def _check(tenant: str, name: str, version: int, *tasks: str) -> None:

@@ -1,6 +1,6 @@
 """Every Redis key and channel tessera uses, built here and nowhere else.
 
-Layout (``P`` = ``<prefix>:v<SCHEMA_VERSION>``; names pass :func:`store.names.check_name`
+Layout (``P`` = ``<prefix>:v<SCHEMA_VERSION>``; names pass :func:`tessera.store.names.check_name`
 first, so they never contain ``:``)::
 
     P:changes                                   INCR counter, bumped by every mutation

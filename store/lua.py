@@ -5,7 +5,7 @@ tenant exist? is the version bound? did the blob vanish?) and the writes they gu
 with nothing in between, in one round trip, without retry storms under contention. Every
 script does ALL its checks before its first write (Redis does not roll back a script that
 fails half way), returns ``{status, ...}``, and ends with ``INCR changes`` + ``PUBLISH``.
-Keys come from :class:`store.keys.Keys` in Python and arrive as ``KEYS``; no script builds
+Keys come from :class:`tessera.store.keys.Keys` in Python and arrive as ``KEYS``; no script builds
 a key. Where a script needs facts only Python knows (the next version number, a blob's chunk
 count), Python reads them optimistically and the script re-checks them and answers
 ``RETRY`` when they changed -- the compare-and-set half of WATCH/MULTI, done server side.
@@ -19,7 +19,7 @@ no CAS conflict against itself).
 ``#!lua`` (no ``allow-oom`` flag) makes Redis refuse a whole script up front when it is over
 ``maxmemory``: an upload is stored completely or not at all.
 
-Blob sections (see :mod:`store.blobs`) sit at the END of ``KEYS`` and at the START of
+Blob sections (see :mod:`tessera.store.blobs`) sit at the END of ``KEYS`` and at the START of
 ``ARGV``. Acquire section: ``KEYS`` = meta, then (when staged) n staging keys and n chunk
 keys; ``ARGV`` = sha256, size, chunk_bytes, staged (0/1), n. Release sections: ``ARGV``
 = m, then each section's chunk count (-1: the meta was already missing); ``KEYS`` = for

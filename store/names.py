@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from store.errors import InvalidNameError
+from tessera.store.errors import InvalidNameError
 
 MAX_NAME_LENGTH = 64
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

@@ -3,7 +3,7 @@
 ``settings.redis_url is None`` (the default): tessera starts ``redis-server`` on
 ``settings.data_dir`` listening on a unix socket only (``port 0``), with AOF on and
 ``appendfsync`` from the settings, and stops it when the handle closes. While the handle is
-open a :class:`store.embedded.Supervisor` restarts that server if it dies (same data
+open a :class:`tessera.store.embedded.Supervisor` restarts that server if it dies (same data
 directory, capped exponential backoff); the client reconnects by itself. A lock file keeps
 two tessera processes off one data directory; a ``redis-server`` left running on that
 socket by a tessera that died is shut down (it flushes its AOF) and replaced.
@@ -31,15 +31,15 @@ from urllib.parse import urlsplit, urlunsplit
 from redis import exceptions as rex
 from redis.asyncio import Redis
 
-from store.cache import HostCache
-from store.client import connect
-from store.embedded import EmbeddedRedis, EmbeddedStats, Supervisor
-from store.errors import StoreUnavailableError
-from store.keys import Keys
-from store.resilient import CachedStore
-from store.settings import StoreSettings
-from store.store import AdapterStore
-from store.watch import ChangeWatcher
+from tessera.store.cache import HostCache
+from tessera.store.client import connect
+from tessera.store.embedded import EmbeddedRedis, EmbeddedStats, Supervisor
+from tessera.store.errors import StoreUnavailableError
+from tessera.store.keys import Keys
+from tessera.store.resilient import CachedStore
+from tessera.store.settings import StoreSettings
+from tessera.store.store import AdapterStore
+from tessera.store.watch import ChangeWatcher
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar, cast
 
-from store.cache import HostCache
-from store.errors import NotFoundError, StoreUnavailableError
-from store.models import (
+from tessera.store.cache import HostCache
+from tessera.store.errors import NotFoundError, StoreUnavailableError
+from tessera.store.models import (
     ADAPTER_DELETED,
     APIKEY_REVOKED,
     TASK_ACTIVATED,
@@ -37,9 +37,9 @@ from store.models import (
     AdapterVersion,
     Binding,
 )
-from store.store import AdapterStore
-from store.tenants import hash_api_key
-from store.watch import ChangeEvent, ChangeWatcher
+from tessera.store.store import AdapterStore
+from tessera.store.tenants import hash_api_key
+from tessera.store.watch import ChangeEvent, ChangeWatcher
 
 log = logging.getLogger(__name__)
 

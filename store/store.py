@@ -1,29 +1,30 @@
 """The async adapter store the server talks to: one facade over tenants, adapters, task
 bindings and HyperLoader records, all kept in Redis.
 
-Construct with an already-connected ``redis.asyncio.Redis`` (see :func:`store.client.connect`),
-a :class:`store.keys.Keys` and :class:`store.settings.StoreSettings`::
+Construct with an already-connected ``redis.asyncio.Redis`` (see
+:func:`tessera.store.client.connect`), a :class:`tessera.store.keys.Keys` and
+:class:`tessera.store.settings.StoreSettings`::
 
     store = AdapterStore(redis, Keys(settings.key_prefix), settings)
 
 Rules every method keeps:
 
-* every name goes through :func:`store.names.check_name` before Redis is touched
+* every name goes through :func:`tessera.store.names.check_name` before Redis is touched
   (:class:`InvalidNameError`);
 * keys are tenant-scoped, so another tenant's object and an unknown one are the same
   :class:`NotFoundError`;
-* every mutation is one Lua script (:mod:`store.lua`) that also bumps ``Keys.changes()``
+* every mutation is one Lua script (:mod:`tessera.store.lua`) that also bumps ``Keys.changes()``
   and publishes a JSON event on ``Keys.events()``;
 * Redis failures surface as :class:`StoreUnavailableError` / :class:`StoreFullError`.
 """
 
 from __future__ import annotations
 
-from store.adapters import AdapterOps
-from store.client import translate_errors
-from store.hypernets import HypernetOps
-from store.tasks import TaskOps
-from store.tenants import TenantOps
+from tessera.store.adapters import AdapterOps
+from tessera.store.client import translate_errors
+from tessera.store.hypernets import HypernetOps
+from tessera.store.tasks import TaskOps
+from tessera.store.tenants import TenantOps
 
 
 class AdapterStore(TenantOps, AdapterOps, TaskOps, HypernetOps):

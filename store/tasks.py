@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import uuid
 
-from store.base import StoreBase, check_version, now, raise_for
-from store.client import translate_errors
-from store.errors import NotFoundError
-from store.models import Binding, BindingChange, text
-from store.names import check_name
+from tessera.store.base import StoreBase, check_version, now, raise_for
+from tessera.store.client import translate_errors
+from tessera.store.errors import NotFoundError
+from tessera.store.models import Binding, BindingChange, text
+from tessera.store.names import check_name
 
-log = logging.getLogger("store.tasks")
+log = logging.getLogger("tessera.store.tasks")
 
 
 def _expected(expected_revision: int | None) -> str:

@@ -15,10 +15,10 @@ import logging
 import secrets
 import uuid
 
-from store.base import StoreBase, now, raise_for
-from store.client import translate_errors
-from store.errors import NotFoundError
-from store.models import (
+from tessera.store.base import StoreBase, now, raise_for
+from tessera.store.client import translate_errors
+from tessera.store.errors import NotFoundError
+from tessera.store.models import (
     APIKEY_ADDED,
     APIKEY_REVOKED,
     TENANT_CREATED,
@@ -27,9 +27,9 @@ from store.models import (
     event_json,
     text,
 )
-from store.names import check_name
+from tessera.store.names import check_name
 
-log = logging.getLogger("store.tenants")
+log = logging.getLogger("tessera.store.tenants")
 
 API_KEY_BYTES = 32
 

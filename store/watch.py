@@ -37,8 +37,8 @@ from redis import exceptions as rex
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from store.keys import Keys
-from store.settings import StoreSettings
+from tessera.store.keys import Keys
+from tessera.store.settings import StoreSettings
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ _RECONNECT_CAP_S = 2.0
 
 @dataclass(frozen=True)
 class ChangeEvent:
-    """A store change (``kind`` from :mod:`store.models`) or a ``resync`` request."""
+    """A store change (``kind`` from :mod:`tessera.store.models`) or a ``resync`` request."""
 
     kind: str
     source: Literal["pubsub", "check"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters import SlotPool
+from tessera.adapters import SlotPool
 
 
 def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rel: float,

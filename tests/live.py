@@ -8,12 +8,12 @@ import time
 
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-from engine.settings import EngineSettings
-from server.app import create_app
-from server.runner import TesseraServer
-from server.server_settings import ServerSettings
-from store.embedded import free_port
-from store.settings import StoreSettings
+from tessera.engine.settings import EngineSettings
+from tessera.server.app import create_app
+from tessera.server.runner import TesseraServer
+from tessera.server.server_settings import ServerSettings
+from tessera.store.embedded import free_port
+from tessera.store.settings import StoreSettings
 
 
 class Hermetic:

@@ -12,17 +12,17 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from adapters import (
+from tessera.adapters import (
     AdapterValidationError,
     UnknownMethodError,
     UnsafeFormatError,
     registry,
 )
-from adapters import artifact as art
-from adapters import targets as tg
-from adapters.hypernet import HyperNetwork
-from adapters.method import Adapter, Component
-from adapters.methods.hyperloader import HYPERLOADER
+from tessera.adapters import artifact as art
+from tessera.adapters import targets as tg
+from tessera.adapters.hypernet import HyperNetwork
+from tessera.adapters.method import Adapter, Component
+from tessera.adapters.methods.hyperloader import HYPERLOADER
 from tests.factories import FACTORIES, randn
 from tests.factories.bottleneck import make_bottleneck_adapter
 from tests.factories.hyperloader import make_hypernetwork

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from adapters import (
+from tessera.adapters import (
     AdapterValidationError,
     NotMergeableError,
     PoolConfig,
@@ -21,10 +21,10 @@ from adapters import (
     reference_model,
     registry,
 )
-from adapters import targets as tg
-from adapters.banks.bottleneck import Activation, BottleneckBank
-from adapters.method import Adapter, Component, Limits
-from adapters.validation import validate_component
+from tessera.adapters import targets as tg
+from tessera.adapters.banks.bottleneck import Activation, BottleneckBank
+from tessera.adapters.method import Adapter, Component, Limits
+from tessera.adapters.validation import validate_component
 from tests.factories.bottleneck import make_bottleneck_adapter
 from tests.helpers import assert_close_scaled, logits, pool_logits
 from tests.models import input_ids, tiny_model

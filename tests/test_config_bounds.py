@@ -13,16 +13,16 @@ import pydantic
 import pytest
 import torch
 
-from adapters import AdapterValidationError, PoolConfig, SlotPool, artifact, registry
-from adapters import targets as tg
-from adapters.banks.kron import kron_factors
-from adapters.method import Adapter, Component, MethodConfig
-from adapters.methods.hut import HutConfig
-from adapters.methods.hyperloader import HYPERLOADER, default_config
-from adapters.methods.lora import LoraConfig
-from adapters.methods.soka import SokaConfig
-from adapters.pool import PreparedAdapter
-from adapters.validation import validate_component
+from tessera.adapters import AdapterValidationError, PoolConfig, SlotPool, artifact, registry
+from tessera.adapters import targets as tg
+from tessera.adapters.banks.kron import kron_factors
+from tessera.adapters.method import Adapter, Component, MethodConfig
+from tessera.adapters.methods.hut import HutConfig
+from tessera.adapters.methods.hyperloader import HYPERLOADER, default_config
+from tessera.adapters.methods.lora import LoraConfig
+from tessera.adapters.methods.soka import SokaConfig
+from tessera.adapters.pool import PreparedAdapter
+from tessera.adapters.validation import validate_component
 from tests.factories import FACTORIES
 from tests.models import tiny_model
 

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import yaml
 
-from engine.settings import EngineSettings
-from server.app import create_app
-from server.runner import FLUSH_GRACE_S
-from server.server_settings import ServerSettings
-from store.settings import StoreSettings
+from tessera.engine.settings import EngineSettings
+from tessera.server.app import create_app
+from tessera.server.runner import FLUSH_GRACE_S
+from tessera.server.server_settings import ServerSettings
+from tessera.store.settings import StoreSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -156,14 +156,18 @@ def test_dockerfile_pins_cpu_torch_and_checks_health() -> None:
 
 
 def test_dockerfile_copies_every_package_it_installs() -> None:
-    """The image installs the project from the copied folders: each package that
-    pyproject.toml ships is copied, and modules the build imports exist."""
+    """The image installs the project from the copied folders: the ``tessera`` namespace
+    pyproject.toml ships and every folder its links point at are copied, and modules the
+    build imports exist."""
     dockerfile = (ROOT / "Dockerfile").read_text()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    shipped = [p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]]
+    found = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    shipped = {p.split(".")[0] for p in found}
+    assert shipped == {"tessera"}, shipped
+    linked = {link.resolve().name for link in (ROOT / "tessera").iterdir() if link.is_symlink()}
+    assert {"adapters", "store", "engine", "server"} <= linked, linked
     copied = set(re.findall(r"^COPY (\w+) \./\1$", dockerfile, flags=re.MULTILINE))
-    assert set(shipped) <= copied, (shipped, copied)
-    for package, module in re.findall(r"from (\w+) import (\w+)", dockerfile):
-        if package in shipped:  # the project's own modules (not the standard library's)
-            assert (ROOT / package / f"{module}.py").is_file(), (package, module)
-    assert "from engine import builtin" in dockerfile  # the image bakes the built-in model
+    assert shipped | linked <= copied, (shipped | linked, copied)
+    for package, module in re.findall(r"from tessera\.(\w+) import (\w+)", dockerfile):
+        assert (ROOT / package / f"{module}.py").is_file(), (package, module)
+    assert "from tessera.engine import builtin" in dockerfile  # the image bakes the built-in model

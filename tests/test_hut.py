@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters import PoolConfig, SlotPool, merged_model, merged_weights, reference_model
-from adapters import targets as tg
-from adapters.banks.affine import AffineBank
-from adapters.banks.hadamard import HadamardBank
-from adapters.method import Adapter, Component, Limits, SlotData
-from adapters.methods.hut import HutConfig
-from adapters.plan import Routing, SlotPlan, use_plan
-from adapters.targets import TargetInfo
+from tessera.adapters import PoolConfig, SlotPool, merged_model, merged_weights, reference_model
+from tessera.adapters import targets as tg
+from tessera.adapters.banks.affine import AffineBank
+from tessera.adapters.banks.hadamard import HadamardBank
+from tessera.adapters.method import Adapter, Component, Limits, SlotData
+from tessera.adapters.methods.hut import HutConfig
+from tessera.adapters.plan import Routing, SlotPlan, use_plan
+from tessera.adapters.targets import TargetInfo
 from tests.helpers import assert_close_scaled, logits, pool_logits
 from tests.models import FAMILIES, input_ids, tiny_model
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from adapters import AdapterValidationError, PoolConfig, SlotPool, merged_model, registry
-from adapters import reference_model as ref_model
-from adapters import targets as tg
-from adapters.hypernet import HyperLoaderConfig, HyperNetwork, UnknownTaskError
-from adapters.method import Adapter
-from adapters.methods.hyperloader import HYPERLOADER
+from tessera.adapters import AdapterValidationError, PoolConfig, SlotPool, merged_model, registry
+from tessera.adapters import reference_model as ref_model
+from tessera.adapters import targets as tg
+from tessera.adapters.hypernet import HyperLoaderConfig, HyperNetwork, UnknownTaskError
+from tessera.adapters.method import Adapter
+from tessera.adapters.methods.hyperloader import HYPERLOADER
 from tests.factories import randn
 from tests.factories.hyperloader import make_hypernetwork
 from tests.helpers import assert_close_scaled, logits, pool_logits

@@ -9,16 +9,16 @@ import copy
 import pytest
 import torch
 
-from adapters import (
+from tessera.adapters import (
     AdapterValidationError,
     PoolConfig,
     SlotPool,
     merged_model,
     reference_model,
 )
-from adapters import targets as tg
-from adapters.banks.kron import KronBank, KronFactors, kron_factors
-from adapters.kpsvd import (
+from tessera.adapters import targets as tg
+from tessera.adapters.banks.kron import KronBank, KronFactors, kron_factors
+from tessera.adapters.kpsvd import (
     elbow_rank,
     energy_rank,
     export_delta,
@@ -27,10 +27,10 @@ from adapters.kpsvd import (
     residual_weights,
     soka_init,
 )
-from adapters.method import Adapter, Component, Limits, SlotData
-from adapters.methods.soka import SokaConfig
-from adapters.plan import Routing
-from adapters.targets import TargetInfo
+from tessera.adapters.method import Adapter, Component, Limits, SlotData
+from tessera.adapters.methods.soka import SokaConfig
+from tessera.adapters.plan import Routing
+from tessera.adapters.targets import TargetInfo
 from tests.helpers import assert_close_scaled, logits, pool_logits
 from tests.models import input_ids, tiny_model
 

@@ -21,7 +21,7 @@ import zlib
 import pytest
 import torch
 
-from adapters import (
+from tessera.adapters import (
     NotMergeableError,
     PoolConfig,
     SlotPool,

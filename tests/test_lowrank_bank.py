@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from adapters import Adapter, Component, PoolConfig, SlotPool
-from adapters.banks.lowrank import LowRankBank, Stack, StackCache, choose_form
-from adapters.method import Limits, SlotData
-from adapters.methods.lora import LoraConfig
-from adapters.plan import Routing
-from adapters.targets import TargetInfo
+from tessera.adapters import Adapter, Component, PoolConfig, SlotPool
+from tessera.adapters.banks.lowrank import LowRankBank, Stack, StackCache, choose_form
+from tessera.adapters.method import Limits, SlotData
+from tessera.adapters.methods.lora import LoraConfig
+from tessera.adapters.plan import Routing
+from tessera.adapters.targets import TargetInfo
 
 TARGET = TargetInfo("layers.0.q_proj", in_features=12, out_features=10, kind="linear",
                     has_bias=False)
@@ -276,7 +276,7 @@ def test_stack_cache_is_bounded_and_drops_a_stack_built_across_an_invalidation()
 
 
 def test_the_form_rule_on_the_measured_shapes() -> None:
-    """Batch 64 (docstring of adapters.banks.lowrank): segment for slots sharing the batch
+    """Batch 64 (docstring of tessera.adapters.banks.lowrank): segment for slots sharing the batch
     evenly, stacked for one dominant slot with strays, per-token when both pad badly."""
     assert [choose_form(64, u, 64 // u) for u in (2, 4, 16, 64)] == ["segment"] * 4
     assert choose_form(64, 9, 56) == "stacked"

@@ -7,7 +7,7 @@ import zlib
 import pytest
 import torch
 
-from adapters import PoolConfig, SlotPool, merged_model, reference_model, registry
+from tessera.adapters import PoolConfig, SlotPool, merged_model, reference_model, registry
 from tests.factories import FACTORIES
 from tests.helpers import assert_close_scaled, logits, pool_logits
 from tests.models import FAMILIES, input_ids, tiny_model

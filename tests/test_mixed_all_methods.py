@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters import PoolConfig, SlotPool, reference_model, registry
+from tessera.adapters import PoolConfig, SlotPool, reference_model, registry
 from tests.factories import FACTORIES
 from tests.helpers import assert_close_scaled, logits, pool_logits
 from tests.models import input_ids, tiny_model

@@ -12,17 +12,17 @@ import torch
 from peft import HRAConfig, LoraConfig, get_peft_model
 from safetensors.torch import save as st_save
 
-from adapters import (
+from tessera.adapters import (
     AdapterValidationError,
     PoolConfig,
     SlotPool,
     UnsafeFormatError,
     UnsupportedAdapterError,
 )
-from adapters.methods.dora import DoraConfig
-from adapters.methods.hra import HraConfig
-from adapters.methods.lora import LoraConfig as TesseraLoraConfig
-from adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME, load_peft, load_peft_dir
+from tessera.adapters.methods.dora import DoraConfig
+from tessera.adapters.methods.hra import HraConfig
+from tessera.adapters.methods.lora import LoraConfig as TesseraLoraConfig
+from tessera.adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME, load_peft, load_peft_dir
 from tests.models import tiny_model
 
 KEY = "base_model.model.model.layers.0.self_attn.q_proj"

@@ -11,8 +11,8 @@ import torch
 from peft import HRAConfig, LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from adapters import Adapter, PoolConfig, SlotPool, merged_model
-from adapters.peft_io import load_peft_dir
+from tessera.adapters import Adapter, PoolConfig, SlotPool, merged_model
+from tessera.adapters.peft_io import load_peft_dir
 from tests.helpers import logits, pool_logits
 from tests.models import input_ids, tiny_model
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adapters import (
+from tessera.adapters import (
     Adapter,
     Component,
     PoolConfig,
@@ -20,9 +20,9 @@ from adapters import (
     reference_model,
     registry,
 )
-from adapters import targets as tg
-from adapters.banks import BANKS
-from adapters.methods.lora import LoraConfig
+from tessera.adapters import targets as tg
+from tessera.adapters.banks import BANKS
+from tessera.adapters.methods.lora import LoraConfig
 from tests.factories import FACTORIES
 from tests.helpers import assert_close_scaled, logits, pool_logits
 from tests.models import input_ids, tiny_model

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters import (
+from tessera.adapters import (
     Adapter,
     AdapterValidationError,
     Component,
@@ -18,8 +18,8 @@ from adapters import (
     UnknownMethodError,
     registry,
 )
-from adapters import targets as tg
-from adapters.methods.lora import LoraConfig
+from tessera.adapters import targets as tg
+from tessera.adapters.methods.lora import LoraConfig
 from tests.factories import FACTORIES
 from tests.helpers import pool_logits
 from tests.models import input_ids, tiny_model

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adapters import Adapter, Component, PoolConfig, SlotPool, reference_model, registry
-from adapters import targets as tg
-from adapters.methods.lora import LoraConfig
+from tessera.adapters import Adapter, Component, PoolConfig, SlotPool, reference_model, registry
+from tessera.adapters import targets as tg
+from tessera.adapters.methods.lora import LoraConfig
 from tests.factories import FACTORIES
 from tests.helpers import assert_close_scaled
 

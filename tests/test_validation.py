@@ -14,7 +14,7 @@ import pydantic
 import pytest
 import torch
 
-from adapters import (
+from tessera.adapters import (
     Adapter,
     AdapterValidationError,
     Component,
@@ -23,15 +23,15 @@ from adapters import (
     UnsafeFormatError,
     registry,
 )
-from adapters import targets as tg
-from adapters.methods.lora import LoraConfig
-from adapters.safeio import (
+from tessera.adapters import targets as tg
+from tessera.adapters.methods.lora import LoraConfig
+from tessera.adapters.safeio import (
     UNSAFE_SUFFIXES,
     read_safetensors,
     refuse_unsafe_name,
     write_safetensors,
 )
-from adapters.validation import validate_component
+from tessera.adapters.validation import validate_component
 from tests.factories import FACTORIES
 from tests.models import tiny_model
 

@@ -8,7 +8,7 @@ import importlib
 import inspect
 import pkgutil
 
-from adapters.banks.base import Bank
+from tessera.adapters.banks.base import Bank
 
 BANKS: dict[str, type[Bank]] = {}
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):

@@ -21,10 +21,10 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from adapters.errors import PoolError
-from adapters.method import Limits, SlotData
-from adapters.plan import Routing
-from adapters.targets import TargetInfo
+from tessera.adapters.errors import PoolError
+from tessera.adapters.method import Limits, SlotData
+from tessera.adapters.plan import Routing
+from tessera.adapters.targets import TargetInfo
 
 BankStage = Literal["input", "delta", "scale", "output"]
 

@@ -20,10 +20,10 @@ from typing import Any, Literal, get_args
 import torch
 import torch.nn.functional as F
 
-from adapters.banks.base import Bank
-from adapters.method import Limits
-from adapters.plan import Routing
-from adapters.targets import TargetInfo
+from tessera.adapters.banks.base import Bank
+from tessera.adapters.method import Limits
+from tessera.adapters.plan import Routing
+from tessera.adapters.targets import TargetInfo
 
 Activation = Literal["relu", "gelu", "silu", "tanh"]
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)

@@ -15,10 +15,10 @@ from typing import NamedTuple
 
 import torch
 
-from adapters.banks.base import Bank
-from adapters.method import Limits
-from adapters.plan import Routing
-from adapters.targets import TargetInfo
+from tessera.adapters.banks.base import Bank
+from tessera.adapters.method import Limits
+from tessera.adapters.plan import Routing
+from tessera.adapters.targets import TargetInfo
 
 
 class KronFactors(NamedTuple):

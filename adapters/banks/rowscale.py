@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from adapters.banks.base import Bank
-from adapters.method import Limits
-from adapters.plan import Routing
-from adapters.targets import TargetInfo
+from tessera.adapters.banks.base import Bank
+from tessera.adapters.method import Limits
+from tessera.adapters.plan import Routing
+from tessera.adapters.targets import TargetInfo
 
 
 class RowScaleBank(Bank):

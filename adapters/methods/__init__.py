@@ -1,5 +1,5 @@
 """Importing this package registers every built-in method: each module in it calls
-``adapters.registry.register`` once, so adding a method is adding one file here."""
+``tessera.adapters.registry.register`` once, so adding a method is adding one file here."""
 
 import importlib
 import pkgutil

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from adapters.banks.bottleneck import Activation, activation, slot_meta
-from adapters.method import Method, MethodConfig, PositiveFraction, Rank, SlotData, Tensors
-from adapters.registry import register
-from adapters.targets import TargetInfo
+from tessera.adapters.banks.bottleneck import Activation, activation, slot_meta
+from tessera.adapters.method import Method, MethodConfig, PositiveFraction, Rank, SlotData, Tensors
+from tessera.adapters.registry import register
+from tessera.adapters.targets import TargetInfo
 
 
 class BottleneckConfig(MethodConfig):

@@ -23,11 +23,11 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from adapters.errors import AdapterValidationError
-from adapters.method import Method, SlotData, Tensors
-from adapters.methods.lora import LoRA, LoraConfig
-from adapters.registry import register
-from adapters.targets import TargetInfo
+from tessera.adapters.errors import AdapterValidationError
+from tessera.adapters.method import Method, SlotData, Tensors
+from tessera.adapters.methods.lora import LoRA, LoraConfig
+from tessera.adapters.registry import register
+from tessera.adapters.targets import TargetInfo
 
 MAGNITUDE = "lora_magnitude_vector"
 

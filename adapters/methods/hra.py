@@ -26,10 +26,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from adapters.errors import AdapterValidationError
-from adapters.method import Method, MethodConfig, Rank, SlotData, Tensors
-from adapters.registry import register
-from adapters.targets import TargetInfo
+from tessera.adapters.errors import AdapterValidationError
+from tessera.adapters.method import Method, MethodConfig, Rank, SlotData, Tensors
+from tessera.adapters.registry import register
+from tessera.adapters.targets import TargetInfo
 
 GS_RELATIVE_TOL = 1e-4  # Gram-Schmidt residual below this share of the column: dependent
 

@@ -1,9 +1,9 @@
 """HyperLoader (arXiv 2407.01411) as a tessera *generator*: a hypernetwork that turns a
-registered task into an ordinary :class:`~adapters.method.Adapter` = (LoRA on attention q
+registered task into an ordinary :class:`~tessera.adapters.method.Adapter` = (LoRA on attention q
 and v, bottleneck adapters with LayerNorm after the attention output projection and after
 the MLP down projection), for every transformer layer.
 
-The math, the config and the weight schema live in :mod:`adapters.hypernet`; this file
+The math, the config and the weight schema live in :mod:`tessera.adapters.hypernet`; this file
 assembles generated tensors into method components and registers the generator. The result
 is generated once per task (it depends only on (task, layer, position)), cached by the
 server like any uploaded adapter and served by the pool through the ``lowrank`` and
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from adapters.hypernet import (
+from tessera.adapters.hypernet import (
     HyperLoaderConfig,
     HyperNetwork,
     Site,
@@ -29,11 +29,11 @@ from adapters.hypernet import (
     head_sizes,
     layout,
 )
-from adapters.method import Adapter, Component
-from adapters.methods.bottleneck import BottleneckConfig
-from adapters.methods.lora import LoraConfig
-from adapters.registry import register_generator
-from adapters.targets import TargetInfo
+from tessera.adapters.method import Adapter, Component
+from tessera.adapters.methods.bottleneck import BottleneckConfig
+from tessera.adapters.methods.lora import LoraConfig
+from tessera.adapters.registry import register_generator
+from tessera.adapters.targets import TargetInfo
 
 Generated = list[tuple[Site, dict[str, torch.Tensor]]]
 

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from adapters.method import Method, MethodConfig, PositiveScale, Rank, SlotData, Tensors
-from adapters.registry import register
-from adapters.targets import TargetInfo, pattern_value
+from tessera.adapters.method import Method, MethodConfig, PositiveScale, Rank, SlotData, Tensors
+from tessera.adapters.registry import register
+from tessera.adapters.targets import TargetInfo, pattern_value
 
 
 class LoraConfig(MethodConfig):

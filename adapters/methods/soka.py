@@ -5,10 +5,10 @@
 terms already at W0's magnitude, and rescaling them by rank would break that).
 
 Factor shapes are not free: the pool preallocates a ``kron`` bank on every wrapped module,
-so ``(m, n, p, q)`` is :func:`adapters.banks.kron.kron_factors` of ``(out, in)`` — the most
+so ``(m, n, p, q)`` is :func:`tessera.adapters.banks.kron.kron_factors` of ``(out, in)`` — the most
 square split of each dimension. The schema uses that rule, so weights of another
 factorization fail validation on their shape; an artifact may also *declare* its factors
-per module (``factors``, as :mod:`adapters.kpsvd` writes them) and a declaration that
+per module (``factors``, as :mod:`tessera.adapters.kpsvd` writes them) and a declaration that
 differs from the rule is refused with a message saying so.
 
 Tensors per module: ``soka_A`` ``[r, m, n]``, ``soka_B`` ``[r, p, q]``; ``r`` (the number of
@@ -17,7 +17,7 @@ terms) is ``rank_pattern``'s value for the module, else ``r``, and is checked ag
 elbow); it is metadata, never used by the math.
 
 The served weights are always terms to *add to the frozen W0*; a PiSSA-like training run
-(base = W0 - init) is exported that way by :func:`adapters.kpsvd.export_delta`.
+(base = W0 - init) is exported that way by :func:`tessera.adapters.kpsvd.export_delta`.
 Merge: ``W' = W0 + dW``. Mixed batch: the ``kron`` bank, ``s`` folded into A.
 """
 
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from adapters.banks.kron import KronFactors, kron_factors
-from adapters.errors import AdapterValidationError
-from adapters.method import (
+from tessera.adapters.banks.kron import KronFactors, kron_factors
+from tessera.adapters.errors import AdapterValidationError
+from tessera.adapters.method import (
     Method,
     MethodConfig,
     PositiveFraction,
@@ -41,8 +41,8 @@ from adapters.method import (
     SlotData,
     Tensors,
 )
-from adapters.registry import register
-from adapters.targets import TargetInfo, pattern_value
+from tessera.adapters.registry import register
+from tessera.adapters.targets import TargetInfo, pattern_value
 
 
 class RankSelection(MethodConfig):
@@ -76,7 +76,7 @@ def factors_of(config: SokaConfig, target: TargetInfo) -> KronFactors:
             f"declared Kronecker factors [m, n, p, q] = {list(declared)} differ from "
             f"tessera's rule {list(rule)} for a [{target.out_features}, "
             f"{target.in_features}] weight (most square split of out and in); re-export "
-            "the adapter with adapters.kpsvd.kron_factors", tensor=f"{target.path}.soka_A")
+            "the adapter with tessera.adapters.kpsvd.kron_factors", tensor=f"{target.path}.soka_A")
     return rule
 
 

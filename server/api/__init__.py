@@ -1,1 +1,1 @@
-"""HTTP routes: thin handlers over :class:`server.service.Service`."""
+"""HTTP routes: thin handlers over :class:`tessera.server.service.Service`."""

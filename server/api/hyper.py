@@ -8,11 +8,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from server.api.openapi import AUTHENTICATED, errors, multipart
-from server.auth import TenantName
-from server.schemas import HypernetList, HypernetOut, HypernetParam, TaskParam, VersionParam
-from server.service import Service, get_service
-from server.uploads import only_fields, read_form, required_part
+from tessera.server.api.openapi import AUTHENTICATED, errors, multipart
+from tessera.server.auth import TenantName
+from tessera.server.schemas import HypernetList, HypernetOut, HypernetParam, TaskParam, VersionParam
+from tessera.server.service import Service, get_service
+from tessera.server.uploads import only_fields, read_form, required_part
 
 router = APIRouter(prefix="/v1/hypernetworks", responses=AUTHENTICATED)
 Svc = Annotated[Service, Depends(get_service)]

@@ -14,15 +14,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from engine.errors import QueueFullError
-from engine.requests import AdapterSpec, RequestHandle, TokenEvent
-from engine.sampling import SamplingParams
-from server.api.openapi import AUTHENTICATED, errors, event_stream
-from server.auth import TenantName
-from server.http_errors import client_gone, describe
-from server.logs import bind_request
-from server.metrics import Metrics
-from server.openai_schemas import (
+from tessera.engine.errors import QueueFullError
+from tessera.engine.requests import AdapterSpec, RequestHandle, TokenEvent
+from tessera.engine.sampling import SamplingParams
+from tessera.server.api.openapi import AUTHENTICATED, errors, event_stream
+from tessera.server.auth import TenantName
+from tessera.server.http_errors import client_gone, describe
+from tessera.server.logs import bind_request
+from tessera.server.metrics import Metrics
+from tessera.server.openai_schemas import (
     ChatChunk,
     ChatCompletionOut,
     ChatIn,
@@ -33,8 +33,8 @@ from server.openai_schemas import (
     ModelList,
     OpenAISampling,
 )
-from server.schemas import GenerateChunk, GenerateIn, GenerateOut, Sampling, TaskParam
-from server.service import Service, get_service
+from tessera.server.schemas import GenerateChunk, GenerateIn, GenerateOut, Sampling, TaskParam
+from tessera.server.service import Service, get_service
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", responses=AUTHENTICATED)
@@ -56,7 +56,7 @@ def sampling_of(body: Sampling, logprobs: int | None = None) -> SamplingParams:
 class _Observed:
     """One request's timings for the metrics (submit, first token, end) and its
     "request finished" log line; binds the request's fields to the log context
-    (:func:`server.logs.bind_request`: every line logged while serving it carries them)."""
+    (:func:`tessera.server.logs.bind_request`: every line logged while serving it carries them)."""
 
     def __init__(self, metrics: Metrics, tenant: str, request_id: str, model: str) -> None:
         self.metrics, self.tenant = metrics, tenant

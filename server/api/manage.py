@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from engine.requests import AdapterSpec
-from server.api.openapi import AUTHENTICATED, errors, multipart
-from server.auth import Admin, TenantName
-from server.http_errors import ApiError
-from server.schemas import (
+from tessera.engine.requests import AdapterSpec
+from tessera.server.api.openapi import AUTHENTICATED, errors, multipart
+from tessera.server.auth import Admin, TenantName
+from tessera.server.http_errors import ApiError
+from tessera.server.schemas import (
     Activate,
     AdapterList,
     AdapterOut,
@@ -25,9 +25,9 @@ from server.schemas import (
     TenantParam,
     VersionParam,
 )
-from server.service import Service, get_service
-from server.uploads import parse_upload, read_form
-from store.names import check_name
+from tessera.server.service import Service, get_service
+from tessera.server.uploads import parse_upload, read_form
+from tessera.store.names import check_name
 
 router = APIRouter(prefix="/v1", responses=AUTHENTICATED)
 Svc = Annotated[Service, Depends(get_service)]

@@ -1,6 +1,6 @@
 """What the OpenAPI document declares beyond the route signatures: the error responses
-(one body shape, :func:`server.http_errors.error_body`), the multipart request bodies of
-the upload routes, which read their form by hand (:mod:`server.uploads`), the event streams
+(one body shape, :func:`tessera.server.http_errors.error_body`), the multipart request bodies of
+the upload routes, which read their form by hand (:mod:`tessera.server.uploads`), the event streams
 of the inference routes, and the configured generation limits (:func:`document_limits`).
 
 Routers attach the codes every one of their routes can answer (``APIRouter(responses=
@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field
 from pydantic.json_schema import SkipJsonSchema
 
-from engine.settings import EngineSettings
+from tessera.engine.settings import EngineSettings
 
 
 class ErrorDetail(BaseModel):
@@ -135,7 +135,7 @@ def multipart(*alternatives: dict[str, str], description: str) -> dict[str, Any]
 # --- configured limits ------------------------------------------------------------------
 def document_limits(app: FastAPI, engine: EngineSettings) -> None:
     """Write the engine's configured limits into ``app``'s OpenAPI document: the request
-    models carry static ceilings only (``server.schemas.MAX_TOKENS_CAP`` and the stop
+    models carry static ceilings only (``tessera.server.schemas.MAX_TOKENS_CAP`` and the stop
     caps, enforced with 422), the engine enforces ``max_tokens_limit``,
     ``max_stop_sequences`` and ``max_stop_length`` (400); the schema then states the
     tighter of the two. Idempotent; call it once where the app is built."""

@@ -8,9 +8,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.api.openapi import errors
-from server.http_errors import error_body
-from server.service import Service, get_service
+from tessera.server.api.openapi import errors
+from tessera.server.http_errors import error_body
+from tessera.server.service import Service, get_service
 
 router = APIRouter()
 log = logging.getLogger(__name__)

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapters import Adapter, reference_model
-from engine import builtin
-from engine.core import Engine
-from engine.requests import AdapterSpec
-from engine.sampling import SamplingParams
+from tessera.adapters import Adapter, reference_model
+from tessera.engine import builtin
+from tessera.engine.core import Engine
+from tessera.engine.requests import AdapterSpec
+from tessera.engine.sampling import SamplingParams
 from tests.factories import FACTORIES
 from tests.live import HermeticSettings
 
@@ -54,7 +54,7 @@ def adapters(ref_base: nn.Module) -> dict[str, Adapter]:
 
 
 class Reference:
-    """The independent path: ``adapters.reference_model`` (plain-torch method forwards on
+    """The independent path: ``tessera.adapters.reference_model`` (plain-torch method forwards on
     a copy of the base) and a greedy loop recomputing the whole sequence each token (no KV
     cache, no padding, no slot pool, no batching)."""
 

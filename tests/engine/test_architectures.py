@@ -20,9 +20,9 @@ from transformers import (
     Qwen2Config,
 )
 
-from adapters import Adapter, Component, reference_model
-from adapters.methods.lora import LoraConfig
-from engine import AdapterSpec, Engine, GenerationRequest, SamplingParams
+from tessera.adapters import Adapter, Component, reference_model
+from tessera.adapters.methods.lora import LoraConfig
+from tessera.engine import AdapterSpec, Engine, GenerationRequest, SamplingParams
 from tests.factories.lora import lora_modules
 from tests.live import HermeticSettings
 

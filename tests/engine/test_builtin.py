@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from engine import builtin
-from engine.errors import RequestValidationError
-from engine.model import load_base
+from tessera.engine import builtin
+from tessera.engine.errors import RequestValidationError
+from tessera.engine.model import load_base
 from tests.engine.conftest import HermeticSettings
 
 

@@ -9,16 +9,16 @@ import threading
 import pytest
 import torch
 
-from adapters import Adapter, AdapterValidationError, Component
-from engine.errors import (
+from tessera.adapters import Adapter, AdapterValidationError, Component
+from tessera.engine.errors import (
     AdapterLoadError,
     ContextLengthError,
     EngineStoppedError,
     RequestValidationError,
 )
-from engine.requests import AdapterSpec, GenerationRequest
-from engine.sampling import SamplingParams
-from engine.scheduler import StepReport
+from tessera.engine.requests import AdapterSpec, GenerationRequest
+from tessera.engine.sampling import SamplingParams
+from tessera.engine.scheduler import StepReport
 from tests.engine.conftest import GREEDY, METHODS, PROMPTS, EngineFactory, Reference, spec
 
 

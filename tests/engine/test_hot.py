@@ -8,11 +8,11 @@ import asyncio
 import pytest
 import torch
 
-from adapters import Adapter, NotMergeableError
-from engine.core import Engine
-from engine.requests import GenerationRequest
-from engine.sampling import SamplingParams
-from engine.scheduler import StepReport
+from tessera.adapters import Adapter, NotMergeableError
+from tessera.engine.core import Engine
+from tessera.engine.requests import GenerationRequest
+from tessera.engine.sampling import SamplingParams
+from tessera.engine.scheduler import StepReport
 from tests.engine.conftest import GREEDY, PROMPTS, EngineFactory, Reference, spec
 
 MERGEABLE = ("lora", "dora", "hra", "hut", "soka")

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from adapters import Adapter, Component
-from engine.errors import RowError, StepError
-from engine.requests import GenerationRequest, RequestHandle
-from engine.sampling import NonFiniteLogitsError, SamplingParams
+from tessera.adapters import Adapter, Component
+from tessera.engine.errors import RowError, StepError
+from tessera.engine.requests import GenerationRequest, RequestHandle
+from tessera.engine.sampling import NonFiniteLogitsError, SamplingParams
 from tests.engine.conftest import GREEDY, PROMPTS, EngineFactory, Reference, spec
 
 

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.sampling import (
+from tessera.engine.sampling import (
     GREEDY_BELOW,
     NonFiniteLogitsError,
     Sampler,

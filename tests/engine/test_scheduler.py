@@ -9,12 +9,12 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from adapters import Adapter
-from engine.detok import TextStream
-from engine.errors import QueueFullError
-from engine.requests import AdapterSpec, GenerationRequest, TokenEvent
-from engine.sampling import SamplingParams, filtered_probs
-from engine.scheduler import StepReport
+from tessera.adapters import Adapter
+from tessera.engine.detok import TextStream
+from tessera.engine.errors import QueueFullError
+from tessera.engine.requests import AdapterSpec, GenerationRequest, TokenEvent
+from tessera.engine.sampling import SamplingParams, filtered_probs
+from tessera.engine.scheduler import StepReport
 from tests.engine.conftest import GREEDY, PROMPTS, EngineFactory, Reference, spec
 
 

@@ -14,9 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from adapters import targets as tg
-from adapters.method import Adapter
-from adapters.targets import TargetInfo
+from tessera.adapters import targets as tg
+from tessera.adapters.method import Adapter
+from tessera.adapters.targets import TargetInfo
 
 Factory = Callable[[nn.Module, torch.Generator], Adapter]
 FACTORIES: dict[str, Factory] = {}

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters.banks.bottleneck import Activation
-from adapters.method import Adapter, Component
-from adapters.methods.bottleneck import BottleneckConfig
-from adapters.targets import TargetInfo
+from tessera.adapters.banks.bottleneck import Activation
+from tessera.adapters.method import Adapter, Component
+from tessera.adapters.methods.bottleneck import BottleneckConfig
+from tessera.adapters.targets import TargetInfo
 from tests.factories import factory, per_target, randn
 
 OUTPUTS = ["o_proj", "down_proj", "attn.c_proj", "mlp.c_proj"]

@@ -3,9 +3,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters import targets as tg
-from adapters.method import Adapter, Component
-from adapters.methods.dora import DoraConfig
+from tessera.adapters import targets as tg
+from tessera.adapters.method import Adapter, Component
+from tessera.adapters.methods.dora import DoraConfig
 from tests.factories import factory, randn
 from tests.factories.lora import lora_modules
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters.method import Adapter, Component
-from adapters.methods.hra import HraConfig
+from tessera.adapters.method import Adapter, Component
+from tessera.adapters.methods.hra import HraConfig
 from tests.factories import factory, per_target, randn
 
 # two components on disjoint modules, so every draw covers both apply_GS modes

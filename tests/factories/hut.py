@@ -3,8 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters.method import Adapter, Component
-from adapters.methods.hut import HutConfig
+from tessera.adapters.method import Adapter, Component
+from tessera.adapters.methods.hut import HutConfig
 from tests.factories import factory, per_target, randn
 
 TARGETS = ["q_proj", "v_proj", "down_proj", "c_attn", "c_fc"]

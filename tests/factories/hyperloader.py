@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters import targets as tg
-from adapters.hypernet import HyperNetwork
-from adapters.method import Adapter
-from adapters.methods.hyperloader import HYPERLOADER, default_config
+from tessera.adapters import targets as tg
+from tessera.adapters.hypernet import HyperNetwork
+from tessera.adapters.method import Adapter
+from tessera.adapters.methods.hyperloader import HYPERLOADER, default_config
 from tests.factories import factory, randn
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters.method import Adapter, Component
-from adapters.methods.lora import LoraConfig
-from adapters.targets import TargetInfo
+from tessera.adapters.method import Adapter, Component
+from tessera.adapters.methods.lora import LoraConfig
+from tessera.adapters.targets import TargetInfo
 from tests.factories import factory, per_target, randn
 
 ATTENTION = ["q_proj", "v_proj", "c_attn"]

@@ -3,10 +3,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters.banks.kron import kron_factors
-from adapters.method import Adapter, Component
-from adapters.methods.soka import SokaConfig
-from adapters.targets import TargetInfo
+from tessera.adapters.banks.kron import kron_factors
+from tessera.adapters.method import Adapter, Component
+from tessera.adapters.methods.soka import SokaConfig
+from tessera.adapters.targets import TargetInfo
 from tests.factories import factory, per_target, randn
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "c_attn", "c_proj"]

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from server.server_settings import ServerSettings
-from store.embedded import EmbeddedRedis
-from store.settings import StoreSettings
+from tessera.server.server_settings import ServerSettings
+from tessera.store.embedded import EmbeddedRedis
+from tessera.store.settings import StoreSettings
 from tests.engine.conftest import (  # noqa: F401  (fixtures)
     builtin_dir,
     ref_base,

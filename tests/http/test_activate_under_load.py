@@ -10,7 +10,7 @@ import asyncio
 import torch
 from torch import nn
 
-from adapters import artifact
+from tessera.adapters import artifact
 from tests.engine.conftest import Reference
 from tests.factories import FACTORIES
 from tests.http.conftest import Api

@@ -10,8 +10,8 @@ import httpx
 import torch
 from torch import nn
 
-from adapters import targets as tg
-from adapters.safeio import write_safetensors
+from tessera.adapters import targets as tg
+from tessera.adapters.safeio import write_safetensors
 from tests.http.conftest import Api
 
 

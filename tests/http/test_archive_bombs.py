@@ -13,7 +13,7 @@ import httpx
 import pytest
 from torch import nn
 
-from store.embedded import EmbeddedRedis
+from tessera.store.embedded import EmbeddedRedis
 from tests.http.conftest import UPLOAD_LIMIT, Api, server_settings
 from tests.http.test_errors import error
 from tests.http.test_inference import make_peft_folder

@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from adapters import Adapter, Component, artifact
-from store.embedded import EmbeddedRedis
+from tessera.adapters import Adapter, Component, artifact
+from tessera.store.embedded import EmbeddedRedis
 from tests.engine.conftest import Reference
 from tests.factories import FACTORIES
 from tests.http.conftest import Api, LiveServer, server_settings

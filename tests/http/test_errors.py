@@ -13,8 +13,8 @@ import httpx
 import torch
 from torch import nn
 
-from adapters import artifact
-from adapters.safeio import read_safetensors, write_safetensors
+from tessera.adapters import artifact
+from tessera.adapters.safeio import read_safetensors, write_safetensors
 from tests.factories import FACTORIES
 from tests.http.conftest import CONTEXT_LIMIT, UPLOAD_LIMIT, Api
 

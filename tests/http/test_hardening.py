@@ -20,8 +20,8 @@ import pytest
 import torch
 from torch import nn
 
-from adapters import artifact
-from store.embedded import EmbeddedRedis, free_port
+from tessera.adapters import artifact
+from tessera.store.embedded import EmbeddedRedis, free_port
 from tests.engine.conftest import Reference
 from tests.factories import FACTORIES
 from tests.http.conftest import Api, LiveServer, server_settings, wait_idle

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters import artifact
+from tessera.adapters import artifact
 from tests.engine.conftest import Reference
 from tests.factories import FACTORIES
 from tests.http.conftest import Api, admin

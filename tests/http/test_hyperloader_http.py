@@ -1,7 +1,7 @@
 """HyperLoader over real HTTP and real Redis: upload a hypernetwork, register a task, bind a
 task to it; the first requests generate its adapter exactly once, the result is cached in
 Redis and served; outputs equal the independent reference (``HYPERLOADER.generate`` run
-here, then ``adapters.reference_model`` + a plain greedy loop)."""
+here, then ``tessera.adapters.reference_model`` + a plain greedy loop)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import httpx
 import torch
 from torch import nn
 
-from adapters import artifact
-from adapters import targets as tg
-from adapters.hypernet import HyperNetwork
-from adapters.method import Adapter
-from adapters.methods.hyperloader import HYPERLOADER
-from adapters.safeio import write_safetensors
-from server.service import Service, decoded_size
-from store.open import open_store
+from tessera.adapters import artifact
+from tessera.adapters import targets as tg
+from tessera.adapters.hypernet import HyperNetwork
+from tessera.adapters.method import Adapter
+from tessera.adapters.methods.hyperloader import HYPERLOADER
+from tessera.adapters.safeio import write_safetensors
+from tessera.server.service import Service, decoded_size
+from tessera.store.open import open_store
 from tests.engine.conftest import Reference
 from tests.factories import randn
 from tests.factories.hyperloader import make_hypernetwork

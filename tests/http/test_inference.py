@@ -1,5 +1,5 @@
 """Inference over real HTTP and real Redis: every output equals the independent reference
-(``adapters.reference_model`` + a plain greedy loop, no engine, no slot pool)."""
+(``tessera.adapters.reference_model`` + a plain greedy loop, no engine, no slot pool)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from adapters import artifact
-from adapters.peft_io import load_peft_dir
-from adapters.reference import base_copy
+from tessera.adapters import artifact
+from tessera.adapters.peft_io import load_peft_dir
+from tessera.adapters.reference import base_copy
 from tests.engine.conftest import Reference
 from tests.factories import FACTORIES
 from tests.http.conftest import Api

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapters import artifact
+from tessera.adapters import artifact
 from tests.factories import FACTORIES
 from tests.http.conftest import Api
 

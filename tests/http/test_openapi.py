@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.api.openapi import ErrorBody, document_limits
-from server.app import create_app
-from server.schemas import MAX_TOKENS_CAP, NAME_PATTERN, NAME_SCHEMA
-from store.errors import InvalidNameError
-from store.names import MAX_NAME_LENGTH, check_name
+from tessera.server.api.openapi import ErrorBody, document_limits
+from tessera.server.app import create_app
+from tessera.server.schemas import MAX_TOKENS_CAP, NAME_PATTERN, NAME_SCHEMA
+from tessera.store.errors import InvalidNameError
+from tessera.store.names import MAX_NAME_LENGTH, check_name
 from tests.http.conftest import Api, admin
 from tests.http.test_errors import error
 from tests.live import HermeticServerSettings, HermeticSettings, LiveServer
@@ -113,7 +113,7 @@ def test_names_carry_the_name_rule(openapi: dict[str, Any]) -> None:
                  st.text(min_size=60, max_size=70, alphabet="xy.")))
 def test_name_pattern_is_check_name(name: str) -> None:
     """The schema's pattern (ECMA semantics, as clients and fuzzers read it) accepts
-    exactly what store.names.check_name accepts."""
+    exactly what tessera.store.names.check_name accepts."""
     try:
         check_name(name)
         allowed = True

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from store.embedded import EmbeddedRedis
+from tessera.store.embedded import EmbeddedRedis
 from tests.http.conftest import Api, LiveServer, server_settings, wait_idle
 
 

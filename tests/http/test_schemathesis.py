@@ -30,8 +30,8 @@ from schemathesis.engine import events, from_schema
 from schemathesis.generation import GenerationMode
 from torch import nn
 
-from adapters.safeio import write_safetensors
-from store.embedded import EmbeddedRedis
+from tessera.adapters.safeio import write_safetensors
+from tessera.store.embedded import EmbeddedRedis
 from tests.http.conftest import ADMIN_KEY, server_settings
 from tests.http.test_errors import lora_files
 from tests.live import LiveServer

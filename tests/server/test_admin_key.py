@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from server.admin_key import AdminKeyError, ensure_admin_key, key_file, load_or_create
+from tessera.server.admin_key import AdminKeyError, ensure_admin_key, key_file, load_or_create
 from tests.live import HermeticServerSettings, HermeticSettings, HermeticStoreSettings
 
 

@@ -1,5 +1,5 @@
 """The ``tessera`` command: flag/environment parsing, the upload encodings, admin commands
-that load no torch, and a real ``python -m server.cli serve`` process (built-in model,
+that load no torch, and a real ``python -m tessera.server.cli serve`` process (built-in model,
 embedded redis-server) driven by the admin commands, then stopped by SIGTERM while a request
 is streaming; its first run with no admin key; scripts/serve on a machine without
 redis-server."""
@@ -27,8 +27,8 @@ import pytest
 import torch
 from torch import nn
 
-from adapters import artifact
-from server import cli, client
+from tessera.adapters import artifact
+from tessera.server import cli, client
 from tests.factories import FACTORIES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,12 +115,12 @@ def test_upload_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_admin_commands_load_no_torch() -> None:
     """The CLI and the client import neither torch, transformers, the engine nor the
-    settings (engine.settings imports torch): `tessera --help` is fast."""
-    heavy = ("torch", "transformers", "engine", "adapters", "server.app",
-             "server.server_settings", "store.settings")
-    code = ("import sys, server.cli, server.client; "
+    settings (tessera.engine.settings imports torch): `tessera --help` is fast."""
+    heavy = ("torch", "transformers", "tessera.engine", "tessera.adapters", "tessera.server.app",
+             "tessera.server.server_settings", "tessera.store.settings")
+    code = ("import sys, tessera.server.cli, tessera.server.client; "
             f"loaded = [m for m in {heavy!r} if m in sys.modules]; "
-            "assert not loaded, loaded; server.cli.main(['--help'])")
+            "assert not loaded, loaded; tessera.server.cli.main(['--help'])")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
@@ -158,7 +158,7 @@ class Server:
 def running_server(builtin_dir: Path, root: Path, *, drain: str = "20",
                    admin_key: str | None = "admin-key",
                    extra_env: dict[str, str] | None = None) -> Iterator[Server]:
-    """``python -m server.cli serve`` on a free port, its data under ``root`` (no
+    """``python -m tessera.server.cli serve`` on a free port, its data under ``root`` (no
     TESSERA_* variable of the machine leaks in), once /healthz answers; killed at exit if
     still running."""
     port = free_port()
@@ -170,7 +170,7 @@ def running_server(builtin_dir: Path, root: Path, *, drain: str = "20",
     log = root / f"server-{port}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--port", str(port),
+            [sys.executable, "-m", "tessera.server.cli", "serve", "--port", str(port),
              "--num-slots", "2", "--drain-timeout", drain],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     served = Server(process, f"http://127.0.0.1:{port}", root / "redis", log)
@@ -244,7 +244,7 @@ def test_serve_admin_and_sigterm_drain(server: Server, ref_base: nn.Module, tmp_
         [("summarise", "my-lora", 1)]
     # `tessera list` as its own process: adapters with their versions, and no torch loaded
     listed = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "server.cli", "list", *url, *key],
+        [sys.executable, "-X", "importtime", "-m", "tessera.server.cli", "list", *url, *key],
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
     adapters = json.loads(listed.stdout)["adapters"]
@@ -253,7 +253,7 @@ def test_serve_admin_and_sigterm_drain(server: Server, ref_base: nn.Module, tmp_
     assert adapters[0]["versions"][0]["method"] == "lora"
     imported = {line.rsplit("|", 1)[-1].strip() for line in listed.stderr.splitlines()
                 if line.startswith("import time:")}
-    assert "server.client" in imported and "httpx" in imported  # the check sees imports
+    assert "tessera.server.client" in imported and "httpx" in imported  # the check sees imports
     assert not {m for m in imported if m.split(".")[0] in ("torch", "transformers", "engine")}
 
     # a streaming request in flight when SIGTERM arrives still finishes
@@ -350,7 +350,7 @@ def test_first_run_generates_and_reuses_the_admin_key(builtin_dir: Path, server_
         assert key_file.stat().st_mode & 0o777 == 0o600
         # the printed command, as printed (the key from the environment)
         created = subprocess.run(
-            [sys.executable, "-m", "server.cli", "create-tenant", "acme"], cwd=ROOT,
+            [sys.executable, "-m", "tessera.server.cli", "create-tenant", "acme"], cwd=ROOT,
             env=env | {"TESSERA_URL": first.url, "TESSERA_ADMIN_KEY": key},
             capture_output=True, text=True, timeout=60)
         assert created.returncode == 0, created.stderr

@@ -1,4 +1,4 @@
-"""server.client.TesseraClient against a live server (the real app under uvicorn, a real
+"""tessera.server.client.TesseraClient against a live server (the real app under uvicorn, a real
 redis-server, the built-in model): tenants, the three upload forms, activation, listings
 with versions, native generation, and errors as TesseraError carrying the server's JSON —
 including the 401 of a server whose admin endpoints are disabled."""
@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from adapters import artifact
-from server.client import (
+from tessera.adapters import artifact
+from tessera.server.client import (
     TesseraClient,
     TesseraConnectionError,
     TesseraError,
     folder_archive,
 )
-from store.embedded import EmbeddedRedis
+from tessera.store.embedded import EmbeddedRedis
 from tests.factories import FACTORIES
 from tests.http.conftest import ADMIN_KEY, server_settings
 from tests.http.test_inference import make_peft_folder

@@ -1,4 +1,4 @@
-"""server.logs: JSON and text lines carry every ``extra=`` field and the exception; lines
+"""tessera.server.logs: JSON and text lines carry every ``extra=`` field and the exception; lines
 logged while serving a request over real HTTP (the real app under uvicorn, a real
 redis-server, the built-in model) carry that request's fields."""
 
@@ -18,16 +18,16 @@ import pytest
 import torch
 from torch import nn
 
-from adapters import artifact
-from engine.errors import EngineStoppedError
-from server.logs import (
+from tessera.adapters import artifact
+from tessera.engine.errors import EngineStoppedError
+from tessera.server.logs import (
     UVICORN_LOGGERS,
     bind_request,
     configure_logging,
     json_format_of,
     make_handler,
 )
-from store.embedded import EmbeddedRedis
+from tessera.store.embedded import EmbeddedRedis
 from tests.factories import FACTORIES
 from tests.http.conftest import Api, server_settings
 from tests.live import LiveServer
@@ -189,7 +189,7 @@ async def test_request_lines_carry_the_request_fields(api: Api, ref_base: nn.Mod
     rid = r.json()["id"]
 
     [done] = records(captured, request_id=rid, message="request finished")
-    assert done["level"] == "INFO" and done["logger"] == "server.api.infer"
+    assert done["level"] == "INFO" and done["logger"] == "tessera.server.api.infer"
     assert done["tenant"] == tenant and done["model"] == "summarise"
     assert done["method"] == "lora" and done["adapter"].startswith(f"{tenant}/ad@1:")
     assert done["outcome"] == "length" and done["completion_tokens"] == N

@@ -1,4 +1,4 @@
-"""server.metrics: the scrape text after driving a real engine and synthetic events; label
+"""tessera.server.metrics: the scrape text after driving a real engine and synthetic events; label
 cardinality stays bounded however many tenants there are."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapters import Adapter
-from engine.core import Engine
-from engine.requests import GenerationRequest
-from engine.scheduler import StepReport
-from server.metrics import Metrics, MetricsSettings, TenantLabels, method_label
-from store.cache import HostCache
-from store.embedded import EmbeddedStats
+from tessera.adapters import Adapter
+from tessera.engine.core import Engine
+from tessera.engine.requests import GenerationRequest
+from tessera.engine.scheduler import StepReport
+from tessera.server.metrics import Metrics, MetricsSettings, TenantLabels, method_label
+from tessera.store.cache import HostCache
+from tessera.store.embedded import EmbeddedStats
 from tests.engine.conftest import GREEDY, EngineFactory, HermeticSettings, spec
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

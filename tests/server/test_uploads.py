@@ -19,8 +19,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from server.http_errors import ApiError
-from server.uploads import MAX_ARCHIVE_MEMBERS, extract_peft
+from tessera.server.http_errors import ApiError
+from tessera.server.uploads import MAX_ARCHIVE_MEMBERS, extract_peft
 
 GIB = 1 << 30
 MIB = 1 << 20

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from store.client import connect
-from store.embedded import EmbeddedRedis, free_port
-from store.keys import Keys
-from store.settings import StoreSettings
-from store.store import AdapterStore
+from tessera.store.client import connect
+from tessera.store.embedded import EmbeddedRedis, free_port
+from tessera.store.keys import Keys
+from tessera.store.settings import StoreSettings
+from tessera.store.store import AdapterStore
 
 
 @pytest.fixture(scope="session")

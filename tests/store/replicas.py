@@ -7,14 +7,14 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from store.cache import HostCache
-from store.client import connect
-from store.keys import Keys
-from store.models import AdapterVersion
-from store.resilient import CachedStore
-from store.settings import StoreSettings
-from store.store import AdapterStore
-from store.watch import ChangeEvent, ChangeWatcher
+from tessera.store.cache import HostCache
+from tessera.store.client import connect
+from tessera.store.keys import Keys
+from tessera.store.models import AdapterVersion
+from tessera.store.resilient import CachedStore
+from tessera.store.settings import StoreSettings
+from tessera.store.store import AdapterStore
+from tessera.store.watch import ChangeEvent, ChangeWatcher
 
 TASK = "chat"
 ADAPTER = "helper"

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from store.cache import HostCache
+from tessera.store.cache import HostCache
 
 
 def blob_cache(max_bytes: int) -> HostCache[str, bytes]:

@@ -10,11 +10,11 @@ import random
 import pytest
 from redis.asyncio import Redis
 
-from store.blobs import Blobs
-from store.errors import ConflictError, NotFoundError
-from store.keys import Keys
-from store.models import Binding
-from store.store import AdapterStore
+from tessera.store.blobs import Blobs
+from tessera.store.errors import ConflictError, NotFoundError
+from tessera.store.keys import Keys
+from tessera.store.models import Binding
+from tessera.store.store import AdapterStore
 from tests.store.conftest import MakeStore, scan_keys
 
 

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from store.client import connect
-from store.embedded import EmbeddedRedis, free_port
-from store.errors import ConflictError, IntegrityError, NotFoundError, StoreFullError
-from store.keys import Keys
-from store.store import AdapterStore
+from tessera.store.client import connect
+from tessera.store.embedded import EmbeddedRedis, free_port
+from tessera.store.errors import ConflictError, IntegrityError, NotFoundError, StoreFullError
+from tessera.store.keys import Keys
+from tessera.store.store import AdapterStore
 from tests.store.conftest import MakeStore, scan_keys, store_settings
 
 

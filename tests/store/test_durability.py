@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from redis.commands.core import AsyncScript
 
-from store.client import connect
-from store.embedded import EmbeddedRedis
-from store.errors import StoreUnavailableError
-from store.keys import Keys
-from store.store import AdapterStore
+from tessera.store.client import connect
+from tessera.store.embedded import EmbeddedRedis
+from tessera.store.errors import StoreUnavailableError
+from tessera.store.keys import Keys
+from tessera.store.store import AdapterStore
 from tests.store.conftest import store_settings
 
 UPLOADERS = 4

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from store.embedded import EmbeddedRedis, EmbeddedStats, free_port
-from store.errors import StoreUnavailableError
-from store.keys import Keys
-from store.open import StoreHandle, open_store, redact_url
-from store.settings import StoreSettings
+from tessera.store.embedded import EmbeddedRedis, EmbeddedStats, free_port
+from tessera.store.errors import StoreUnavailableError
+from tessera.store.keys import Keys
+from tessera.store.open import StoreHandle, open_store, redact_url
+from tessera.store.settings import StoreSettings
 from tests.store.replicas import ADAPTER, TASK, CountingDecoder, seed, weights_of
 
 
@@ -237,7 +237,7 @@ def records(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.LogR
 
 async def test_killed_server_is_restarted_on_its_data_and_the_client_reconnects(
         data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="store.embedded")
+    caplog.set_level(logging.INFO, logger="tessera.store.embedded")
     # a restart delay long enough to see the outage from here
     async with await open_store(supervised(data_dir, embedded_restart_backoff_s=0.3)) as handle:
         assert handle.embedded is not None
@@ -322,7 +322,7 @@ async def test_close_during_a_restart_leaves_no_server_behind(data_dir: Path,
 
 async def test_a_server_that_cannot_start_is_retried_with_growing_delays(
         data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="store.embedded")
+    caplog.set_level(logging.WARNING, logger="tessera.store.embedded")
     settings = supervised(data_dir, embedded_restart_backoff_s=0.1,
                           embedded_restart_backoff_cap_s=0.8)
     async with await open_store(settings) as handle:

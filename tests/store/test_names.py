@@ -11,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from store.errors import InvalidNameError, NotFoundError
-from store.keys import Keys
-from store.names import MAX_NAME_LENGTH, check_name
-from store.store import AdapterStore
+from tessera.store.errors import InvalidNameError, NotFoundError
+from tessera.store.keys import Keys
+from tessera.store.names import MAX_NAME_LENGTH, check_name
+from tessera.store.store import AdapterStore
 from tests.store.conftest import scan_keys
 
 BAD_NAMES: list[Any] = [

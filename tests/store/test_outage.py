@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from store.embedded import EmbeddedRedis
-from store.errors import StoreUnavailableError
-from store.keys import Keys
-from store.models import TASK_ACTIVATED
-from store.resilient import CachedStore
-from store.settings import StoreSettings
+from tessera.store.embedded import EmbeddedRedis
+from tessera.store.errors import StoreUnavailableError
+from tessera.store.keys import Keys
+from tessera.store.models import TASK_ACTIVATED
+from tessera.store.resilient import CachedStore
+from tessera.store.settings import StoreSettings
 from tests.store.replicas import (
     ADAPTER,
     TASK,
@@ -96,7 +96,7 @@ async def test_outage_cached_reads_work_writes_fail_fast_then_recover(
             await cached.resolve("acme", TASK))
 
     outage_logs = [r for r in caplog.records
-                   if r.name == "store.watch" and "unreachable" in r.getMessage()]
+                   if r.name == "tessera.store.watch" and "unreachable" in r.getMessage()]
     # once per outage per loop (version check, subscriber) per replica -- not per retry
     assert 1 <= len(outage_logs) <= 4
 

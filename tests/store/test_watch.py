@@ -11,13 +11,13 @@ from collections.abc import Callable
 import pytest
 from redis.asyncio import Redis
 
-from store.client import connect
-from store.embedded import EmbeddedRedis
-from store.errors import NotFoundError
-from store.keys import Keys
-from store.models import TASK_ACTIVATED
-from store.settings import StoreSettings
-from store.watch import ChangeEvent, ChangeWatcher
+from tessera.store.client import connect
+from tessera.store.embedded import EmbeddedRedis
+from tessera.store.errors import NotFoundError
+from tessera.store.keys import Keys
+from tessera.store.models import TASK_ACTIVATED
+from tessera.store.settings import StoreSettings
+from tessera.store.watch import ChangeEvent, ChangeWatcher
 from tests.store.replicas import ADAPTER, TASK, EventLog, replica, seed
 
 
