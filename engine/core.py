@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -60,6 +60,12 @@ class EngineStats:
     finished: dict[str, int]
     slots: SlotStats
     resident_adapters: int
+    kv_tokens_used: int = 0  # KV positions held (rounded up to blocks)
+    kv_tokens_total: int = 0  # the KV budget (TESSERA_KV_CACHE_TOKENS)
+    preemptions: int = 0  # rows preempted for the KV budget, recomputed later
+    max_slots: int = 0  # adapters the device holds at once (TESSERA_NUM_SLOTS)
+    running_adapters: tuple[str, ...] = ()  # adapter keys of running or prefilling rows
+    waiting_adapters: tuple[str, ...] = ()  # adapter keys of waiting rows
     hot: HotStats | None = field(default=None)  # hot-tenant policy: merged adapters, share
 
 
@@ -86,9 +92,9 @@ class Engine:
         self._slots = SlotManager(pool, self._loads, on_change=self._wake)
         self._hot = HotTenants(self.settings, self._base.model, self._loads,
                                on_change=self._wake)
-        scheduler = Scheduler(self.settings, Stepper(self._base, pool), self._slots,
-                              self._forward, variant_of=self._hot.variant,
-                              observers=[self._record])
+        stepper = Stepper(self._base, pool, self.settings.kv_budget())
+        scheduler = Scheduler(self.settings, stepper, self._slots, self._forward,
+                              variant_of=self._hot.variant, observers=[self._record])
         self._scheduler = scheduler
         scheduler.start()
         self._hot.start()
@@ -270,4 +276,13 @@ class Engine:
             tokens_out=s.tokens_out, finished=dict(s.finished),
             slots=SlotStats(**{**vars(slots.stats),
                                "load_seconds": list(slots.stats.load_seconds)}),
-            resident_adapters=len(slots.resident_keys), hot=self.hot.stats())
+            resident_adapters=len(slots.resident_keys),
+            kv_tokens_used=scheduler.kv_in_use(), kv_tokens_total=self.settings.kv_cache_tokens,
+            preemptions=s.preemptions, max_slots=self.settings.num_slots,
+            running_adapters=_keys([*scheduler.stepper.running, *scheduler.prefilling]),
+            waiting_adapters=_keys(scheduler.waiting), hot=self.hot.stats())
+
+
+def _keys(rows: Iterable[Row]) -> tuple[str, ...]:
+    """Distinct adapter keys of ``rows``, sorted (base rows have none)."""
+    return tuple(sorted({s.key for s in rows if s.key is not None}))

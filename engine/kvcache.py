@@ -21,6 +21,16 @@ Costs.
   costs attention FLOPs (masked), not copies. A paged cache with a paged-attention kernel
   would remove that too; see issue 8.
 
+Budget. The cache is bounded: :class:`KVBudget` counts the slab area a decode step holds
+(``B x (W + 1)`` token positions per layer, rounded up to blocks of ``block`` positions)
+against ``tokens`` (``TESSERA_KV_CACHE_TOKENS``), and the slabs never grow past it. When the
+running rows would outgrow it, the scheduler preempts the newest row: it leaves the batch
+and is recomputed later from its prompt and the tokens it already produced (same tokens,
+no error). Why a slab and not paged blocks on this path: without a paged-attention kernel
+(none runs on the CPU), attention over blocks must first gather each row's blocks into a
+contiguous ``[B, H, W, D]`` tensor every layer of every step, the very copy the slab
+removed; a paged kernel (FlashAttention/FlashInfer on CUDA) is where blocks pay.
+
 A forward that fails half way leaves some layers' new keys written past ``length_i``; as
 lengths only advance after a successful step, those writes are never read (the step is
 retried from the same state).
@@ -38,6 +48,27 @@ from transformers.cache_utils import DynamicLayer
 KV = tuple[torch.Tensor, torch.Tensor]  # ([B, H_kv, L, D], [B, H_kv, L, D])
 
 _MIN_LENGTH = 64  # initial length capacity
+
+
+class KVBudget:
+    """How many token positions (per layer) the running batch's KV cache may hold."""
+
+    def __init__(self, tokens: int, block: int) -> None:
+        if block < 1 or tokens < block:
+            raise ValueError(f"KV budget of {tokens} tokens in blocks of {block}")
+        self.tokens = tokens
+        self.block = block
+
+    def blocks(self, length: int) -> int:
+        return -(-length // self.block)
+
+    def area(self, rows: int, width: int) -> int:
+        """Positions a decode step of ``rows`` rows, the longest ``width`` tokens, holds
+        (its new token included), rounded up to blocks."""
+        return rows * self.blocks(width + 1) * self.block if rows else 0
+
+    def fits(self, rows: int, width: int) -> bool:
+        return self.area(rows, width) <= self.tokens
 
 
 def cache_tensors(cache: DynamicCache) -> list[KV]:
@@ -80,7 +111,8 @@ class SlabLayer(DynamicLayer):
 
 
 class BatchCache:
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit  # most token positions (rows x length) the slabs may allocate
         self.clear()
 
     def clear(self) -> None:
@@ -110,6 +142,9 @@ class BatchCache:
             return
         new_rows = max(rows, 2 * have_rows, 1)
         new_length = max(length, 2 * have_length, _MIN_LENGTH)
+        if self.limit is not None and new_rows * new_length > self.limit:  # never past it
+            new_length = max(length, min(new_length, self.limit // new_rows))
+            new_rows = max(rows, min(new_rows, self.limit // new_length))
         grown: list[KV] = []
         for i, (k, v) in enumerate(like):
             shape = (new_rows, k.shape[1], new_length, k.shape[3])  # [R, H, C, D]

@@ -124,7 +124,8 @@ def _context_limit(model: PreTrainedModel, tokenizer: Any, settings: EngineSetti
         limits.append(config_limit)
     if not limits:
         raise ValueError("the model config names no context length: set context_limit")
-    return min(limits)
+    budget = settings.kv_budget()  # one row of the whole context must fit the KV budget
+    return min(*limits, budget.tokens // budget.block * budget.block)
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: Any) -> frozenset[int]:

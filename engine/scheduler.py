@@ -54,6 +54,7 @@ class StepReport:
     prefill_tokens: int
     merged: tuple[bool, ...] = ()  # per forward row: served from a hot adapter's merged copy
     generated: tuple[tuple[str | None, bool], ...] = ()  # per new token: (adapter, merged)
+    queued: tuple[float, ...] = ()  # seconds waited by each row admitted for this step
 
     @property
     def merged_rows(self) -> int:
@@ -72,6 +73,7 @@ class SchedulerStats:
     last_batch_size: int = 0
     last_distinct_adapters: int = 0
     finished: dict[str, int] = field(default_factory=dict)  # finish reason / "error" -> n
+    preemptions: int = 0  # rows that left the batch for the KV budget (recomputed later)
 
 
 class Scheduler:
@@ -96,6 +98,8 @@ class Scheduler:
         self._abort = False
         self._idle = asyncio.Event()
         self._latency_ewma = 1.0  # seconds per request (the Retry-After estimate)
+        self._admitted = 0  # admission counter (a row's ``order``)
+        self._queued: list[float] = []  # waits of the rows admitted since the last report
         self.heartbeat = time.monotonic()  # the loop's last beat (readiness)
 
     def subscribe(self, observer: Callable[[StepReport], None]) -> None:
@@ -216,14 +220,30 @@ class Scheduler:
                     seq.cache = None
                 self._finish(seq, "cancelled", None)
 
+    def kv_in_use(self) -> int:
+        """KV token positions held: the running rows', and the prompt tokens prefilled so
+        far by rows still prefilling (rounded up to blocks)."""
+        return self.stepper.kv_in_use() + self._prefill_held()
+
+    def _prefill_held(self) -> int:
+        budget = self.stepper.budget
+        return sum(budget.blocks(s.prefilled) * budget.block for s in self.prefilling)
+
     def _admit(self) -> None:
         live = len(self.stepper.running) - len(self._removed & set(self.stepper.running))
         free = self.settings.max_batch_rows - live - len(self.prefilling)
+        budget = self.stepper.budget
+        rows = live + len(self.prefilling)
+        width = max([self.stepper.width(), *(len(s.pending) for s in self.prefilling)])
         for seq in list(self.waiting):
             if free <= 0:
                 break
-            variant = None if seq.key is None else self.variant_of(seq.key)
-            if seq.key is None or variant is not None:
+            if rows and not budget.fits(rows + 1, max(width, len(seq.pending))):
+                break  # the KV budget is full: in order, so nobody overtakes
+            variant = None if seq.key is None or seq.slot >= 0 else self.variant_of(seq.key)
+            if seq.slot >= 0:
+                pass  # preempted: it kept its slot (and its pin) while it waited
+            elif seq.key is None or variant is not None:
                 seq.slot = -1
                 seq.variant = variant  # a merged row needs no slot
             else:
@@ -235,7 +255,13 @@ class Scheduler:
                 seq.slot = slot
             self.waiting.remove(seq)
             self.prefilling.append(seq)
+            self._admitted += 1
+            seq.order = self._admitted
+            if seq.resume is None:  # its first admission (a preempted row waited already)
+                self._queued.append(time.monotonic() - seq.submitted_at)
             free -= 1
+            rows += 1
+            width = max(width, len(seq.pending))
         self.slots.drop_unneeded({s.key for s in self.waiting if s.key is not None})
 
     def _plan(self) -> StepPlan | None:
@@ -244,14 +270,24 @@ class Scheduler:
         for seq in self.prefilling:
             if budget <= 0:
                 break
-            count = min(self.settings.prefill_chunk, len(seq.prompt) - seq.prefilled, budget)
+            count = min(self.settings.prefill_chunk, len(seq.pending) - seq.prefilled, budget)
             prefill.append((seq, count))
             budget -= count
         writes = self.slots.take_writes()
-        live = [s for s in self.stepper.running if s not in self._removed]
-        if not prefill and not live and not writes and not self._removed:
+        preempted = self.stepper.overflow(self._removed, self._prefill_held())
+        for seq in preempted:  # newest first: each goes back to the front of the queue
+            seq.preempt()
+            self.waiting.appendleft(seq)
+        self.stats.preemptions += len(preempted)
+        if preempted:
+            log.info("KV budget full: rows preempted, recomputed later",
+                     extra={"rows": len(preempted), "kv_in_use": self.kv_in_use()})
+        live = [s for s in self.stepper.running
+                if s not in self._removed and s not in preempted]
+        if not prefill and not live and not writes and not self._removed and not preempted:
             return None
-        return StepPlan(writes=writes, prefill=prefill, dropped=set(self._removed))
+        return StepPlan(writes=writes, prefill=prefill, dropped=set(self._removed),
+                        preempted=set(preempted))
 
     def _deliver(self, index: int, result: StepResult) -> None:
         for write, exc in result.failed_writes:
@@ -286,7 +322,9 @@ class Scheduler:
                             merged=tuple(result.merged),
                             generated=tuple((s.key, s.variant is not None)
                                             for s, e in result.events
-                                            if e.token_id is not None))
+                                            if e.token_id is not None),
+                            queued=tuple(self._queued))
+        self._queued = []
         self.stats.last_distinct_adapters = report.distinct_adapters
         for callback in self._observers:
             try:

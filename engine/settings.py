@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tessera.adapters import PoolConfig
+from tessera.engine.kvcache import KVBudget
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Device = Literal["cpu", "cuda", "auto"]
@@ -59,6 +60,13 @@ class EngineSettings(BaseSettings):
         None, ge=2, description="prompt + max_tokens limit; None = the model's "
                                 "max_position_embeddings")
     prefill_chunk: int = Field(512, ge=1, description="prompt tokens per prefill forward")
+    kv_cache_tokens: int = Field(
+        65536, ge=16, le=1 << 30,
+        description="token positions (per layer) the running batch's KV cache may hold; "
+                    "past it the newest row is preempted and recomputed later "
+                    "(tessera.engine.kvcache). Also caps the context limit")
+    kv_block_size: int = Field(16, ge=1, le=4096, description="KV positions per block: "
+                               "the unit of the KV budget and of its usage metric")
     prefill_tokens_per_step: int = Field(
         2048, ge=1, description="prompt tokens prefilled between two decode steps (bounds "
                                 "the decode stall a long prompt causes)")
@@ -95,7 +103,12 @@ class EngineSettings(BaseSettings):
             raise ValueError("retry_after_min_s exceeds retry_after_max_s")
         if self.hot_leave_share > self.hot_enter_share:
             raise ValueError("hot_leave_share exceeds hot_enter_share")
+        if self.kv_block_size > self.kv_cache_tokens:
+            raise ValueError("kv_block_size exceeds kv_cache_tokens")
         return self
+
+    def kv_budget(self) -> KVBudget:
+        return KVBudget(self.kv_cache_tokens, self.kv_block_size)
 
     def pool_config(self) -> PoolConfig:
         """The slot pool these settings describe."""

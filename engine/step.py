@@ -32,7 +32,7 @@ from transformers import DynamicCache
 from tessera.adapters import SlotPool
 from tessera.engine.detok import TextStream
 from tessera.engine.errors import RowError, StepError
-from tessera.engine.kvcache import KV, BatchCache, cache_tensors
+from tessera.engine.kvcache import KV, BatchCache, KVBudget, cache_tensors
 from tessera.engine.model import LoadedModel
 from tessera.engine.requests import FinishReason, RequestHandle, TokenEvent
 from tessera.engine.sampling import NonFiniteLogitsError, Picked, Sampler, pick_batch
@@ -63,10 +63,26 @@ class Row:
     submitted_at: float = 0.0
     ended: bool = False  # its final event or error was handed out, its pin released
     variant: nn.Module | None = None  # merged model of a hot adapter (no slot); None = pool
+    generated: list[int] = field(default_factory=list)  # tokens emitted so far
+    resume: list[int] | None = None  # preempted: the tokens to recompute before decoding on
+    order: int = 0  # admission order (the newest row is preempted first)
 
     @property
     def cancelled(self) -> bool:
         return self.handle.cancelled
+
+    @property
+    def pending(self) -> list[int]:
+        """The tokens its prefill runs over: the prompt, or after a preemption the prompt
+        and every emitted token but the last (which the next decode step feeds)."""
+        return self.prompt if self.resume is None else self.resume
+
+    def preempt(self) -> None:
+        """Leave the batch, to be recomputed later: no token is lost or changed (the
+        sampler and the text stream keep their state)."""
+        self.resume = self.prompt + self.generated[:-1]
+        self.prefilled = 0
+        self.cache = None
 
 
 @dataclass
@@ -74,6 +90,7 @@ class StepPlan:
     writes: list[Write]
     prefill: list[tuple[Row, int]]  # (sequence, prompt tokens to prefill now)
     dropped: set[Row]  # rows to remove from the batch before the forward
+    preempted: set[Row] = field(default_factory=set)  # rows leaving to be recomputed later
 
 
 @dataclass
@@ -96,7 +113,7 @@ class Group:
 
     model: nn.Module
     pooled: bool  # the base with the slot pool: rows route by slot id
-    cache: BatchCache = field(default_factory=BatchCache)
+    cache: BatchCache
     rows: list[Row] = field(default_factory=list)  # row i of ``cache``
 
     def keep(self, rows: list[Row]) -> None:
@@ -109,12 +126,16 @@ class Stepper:
     """Owns the running batch (its rows and KV caches); used only from the forward thread
     (and from the loop while no step runs)."""
 
-    def __init__(self, base: LoadedModel, pool: SlotPool) -> None:
+    def __init__(self, base: LoadedModel, pool: SlotPool, budget: KVBudget) -> None:
         self.base = base
         self.pool = pool
+        self.budget = budget
         self.model = base.model
-        self.main = Group(self.model, pooled=True)
+        self.main = self._new_group(self.model, pooled=True)
         self.merged: dict[int, Group] = {}  # id(variant) -> its group
+
+    def _new_group(self, model: nn.Module, *, pooled: bool) -> Group:
+        return Group(model, pooled=pooled, cache=BatchCache(limit=self.budget.tokens))
 
     @property
     def running(self) -> list[Row]:
@@ -133,7 +154,7 @@ class Stepper:
             return self.main
         group = self.merged.get(id(seq.variant))
         if group is None:
-            group = self.merged[id(seq.variant)] = Group(seq.variant, pooled=False)
+            group = self.merged[id(seq.variant)] = self._new_group(seq.variant, pooled=False)
         return group
 
     def _route(self, pooled: bool, slots: list[int]) -> AbstractContextManager[Any]:
@@ -146,8 +167,8 @@ class Stepper:
 
     def _step(self, plan: StepPlan) -> StepResult:
         result = StepResult()
-        if plan.dropped:
-            self._keep(plan.dropped)
+        if plan.dropped or plan.preempted:
+            self._keep(plan.dropped | plan.preempted)
         failed_keys: set[str] = set()
         for write in plan.writes:
             try:
@@ -176,8 +197,35 @@ class Stepper:
         return result
 
     def clear(self) -> None:
-        self.main = Group(self.model, pooled=True)
+        self.main = self._new_group(self.model, pooled=True)
         self.merged = {}
+
+    # --- KV budget (read and decided on the loop while no step runs) --------------------
+    def kv_in_use(self) -> int:
+        """Token positions the running rows hold (every group), rounded up to blocks."""
+        return sum(len(g.rows) * self.budget.blocks(g.cache.width) * self.budget.block
+                   for g in self.groups)
+
+    def width(self) -> int:
+        """The longest running row of the slot-pool group."""
+        return self.main.cache.width
+
+    def overflow(self, gone: set[Row], held: int = 0) -> list[Row]:
+        """The newest rows of the slot-pool group to preempt so the next decode step fits
+        the KV budget beside ``held`` positions held elsewhere (rows still prefilling; rows
+        in ``gone`` leave anyway). One row always fits: the context limit is within the
+        budget."""
+        others = held + sum(self.budget.area(len(g.rows), g.cache.width)
+                            for g in self.merged.values())
+        lengths = dict(zip(map(id, self.main.rows), self.main.cache.lengths, strict=True))
+        rows = sorted((s for s in self.main.rows if s not in gone), key=lambda s: s.order)
+        chosen: list[Row] = []
+        while len(rows) > 1:
+            width = max(lengths[id(s)] for s in rows)
+            if others + self.budget.area(len(rows), width) <= self.budget.tokens:
+                break
+            chosen.append(rows.pop())
+        return chosen
 
     # --- forwards -----------------------------------------------------------------------
     def _decode_group(self, group: Group, result: StepResult) -> None:
@@ -224,7 +272,7 @@ class Stepper:
         each. If that forward fails, its rows go back to the rest: each then fails alone,
         or not at all."""
         whole = [seq for seq, count in prefill
-                 if seq.variant is None and seq.prefilled == 0 and count == len(seq.prompt)]
+                 if seq.variant is None and seq.prefilled == 0 and count == len(seq.pending)]
         if len(whole) < 2:
             return prefill
         try:
@@ -233,19 +281,20 @@ class Stepper:
             log.warning("batched prefill failed; prefilling its rows one by one",
                         extra={"rows": len(whole), "error": repr(exc)})
             return prefill
-        picked = pick_batch(logits, [s.sampler for s in whole])  # one host transfer
+        sampled = [b for b, s in enumerate(whole) if s.resume is None]  # recomputed: none
+        picked = pick_batch(logits[sampled], [whole[b].sampler for b in sampled]) \
+            if sampled else None  # one host transfer
         for b, seq in enumerate(whole):
-            length = len(seq.prompt)
+            length = len(seq.pending)
             seq.prefilled = length
             result.prefill_tokens += length
             result.request_ids.append(seq.request_id)
             result.adapters.append(seq.key)
             result.merged.append(False)
-            if self._take(seq, picked, b, result, "prefill") and seq.finish is None:
-                group = self._group(seq)
-                group.cache.add([(k[b:b + 1], v[b:b + 1]) for k, v in kv], length)
-                group.rows.append(seq)
-                result.joined.append(seq)
+            if picked is None or seq.resume is not None or (
+                    self._take(seq, picked, sampled.index(b), result, "prefill")
+                    and seq.finish is None):
+                self._join(seq, [(k[b:b + 1], v[b:b + 1]) for k, v in kv], length, result)
         done = set(whole)
         return [(seq, count) for seq, count in prefill if seq not in done]
 
@@ -255,9 +304,9 @@ class Stepper:
         row's last-token logits ``[B, V]`` and the per-layer keys/values ``[B, H, W, D]``
         (padding beyond each row's length is dropped when the rows join)."""
         device, dtype = self.base.device, self.base.dtype
-        lengths = [len(s.prompt) for s in rows]
+        lengths = [len(s.pending) for s in rows]
         width = max(lengths)
-        ids = torch.tensor([s.prompt + [0] * (width - len(s.prompt)) for s in rows],
+        ids = torch.tensor([s.pending + [0] * (width - len(s.pending)) for s in rows],
                            dtype=torch.long, device=device)  # [B, W]
         span = torch.arange(width, device=device)  # [W]
         real = span.unsqueeze(0) < torch.tensor(lengths, device=device).unsqueeze(1)  # [B, W]
@@ -278,7 +327,7 @@ class Stepper:
 
     def _prefill(self, seq: Row, count: int, result: StepResult) -> None:
         start = seq.prefilled
-        chunk = seq.prompt[start:start + count]
+        chunk = seq.pending[start:start + count]
         if seq.cache is None:
             seq.cache = DynamicCache()
         ids = torch.tensor([chunk], dtype=torch.long, device=self.base.device)  # [1, T]
@@ -293,16 +342,22 @@ class Stepper:
         result.request_ids.append(seq.request_id)
         result.adapters.append(seq.key)
         result.merged.append(seq.variant is not None)
-        if seq.prefilled < len(seq.prompt):
+        if seq.prefilled < len(seq.pending):
             return
-        taken = self._take(seq, pick_batch(out.logits[0, -1:], [seq.sampler]), 0, result,
-                           "prefill")  # logits [1, V]
-        if taken and seq.finish is None:
-            group = self._group(seq)
-            group.cache.add(cache_tensors(seq.cache), len(seq.prompt))
-            group.rows.append(seq)
-            result.joined.append(seq)
+        if seq.resume is not None or (  # a recomputed row samples nothing
+                self._take(seq, pick_batch(out.logits[0, -1:], [seq.sampler]), 0, result,
+                           "prefill") and seq.finish is None):  # logits [1, V]
+            self._join(seq, cache_tensors(seq.cache), len(seq.pending), result)
         seq.cache = None  # the batch cache holds a copy now
+
+    def _join(self, seq: Row, kv: list[KV], length: int, result: StepResult) -> None:
+        """A prefilled row joins its group's batch cache (``kv``: ``[1, H, >= length, D]``
+        per layer); a recomputed row goes on decoding from its last token."""
+        group = self._group(seq)
+        group.cache.add(kv, length)
+        group.rows.append(seq)
+        seq.resume = None
+        result.joined.append(seq)
 
     def _take(self, seq: Row, picked: Picked, i: int, result: StepResult, stage: str) -> bool:
         """Row ``i`` of ``picked`` for ``seq``: its token is emitted (True), or its own
@@ -322,6 +377,7 @@ class Stepper:
               top: tuple[tuple[int, float], ...], result: StepResult) -> None:
         seq.completion += 1
         seq.last_token = token
+        seq.generated.append(token)
         text = seq.stream.push(token)
         eos = token in self.base.eos_token_ids and not seq.ignore_eos
         if seq.stream.stopped or eos:

@@ -51,7 +51,7 @@ def create_app(settings: ServerSettings, *, engine: Engine | None = None,
             app.state.store = cached
             app.state.store_handle = handle
             app.state.service = service = Service(settings, eng, cached, metrics)
-            metrics.attach(eng)
+            metrics.attach(eng, model_of=service.model_of)
             metrics.bind_host_cache(cached.cache.stats)
             metrics.bind_store(handle.embedded_stats)
             service.hyper.on_generation.append(metrics.observe_generation)

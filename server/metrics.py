@@ -14,6 +14,14 @@ Two kinds of series:
   and restarts. Nothing is copied between scrapes, so the counters can never drift from
   the engine's own.
 
+Router series (the Gateway API Inference Extension's endpoint picker, llm-d): vLLM's
+names with a ``tessera:`` prefix — ``tessera:num_requests_waiting``,
+``tessera:num_requests_running``, ``tessera:kv_cache_usage_perc`` (0..1 of the KV budget)
+and ``tessera:lora_requests_info{max_lora, running_lora_adapters, waiting_lora_adapters}``
+(value: the scrape's unix time, as vLLM sets it; the adapter lists are the ``model`` names
+requests used, comma-separated, bounded by the running batch and the queue), plus
+``tessera_request_queue_time_seconds`` and resident adapters per tier.
+
 Labels are bounded by construction: ``method`` is an adapter method name from the
 registry, ``"base"``, ``"mixed"`` (a stack of several methods) or ``"other"``; ``tenant``
 goes through :class:`TenantLabels` (an allowlist, else one of ``tenant_buckets`` hash
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
@@ -55,6 +64,8 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LOAD_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                 60.0)
 
 
 class MetricsSettings(BaseSettings):
@@ -147,6 +158,9 @@ class Metrics:
                                         buckets=(0, *ROW_BUCKETS), registry=registry_)
         self.step_rows = Counter("tessera_step_rows", "Forward rows by how their adapter ran",
                                  ("mode", "method"), registry=registry_)
+        self.queue_time = Histogram("tessera_request_queue_time_seconds",
+                                    "Time requests waited before joining the batch",
+                                    buckets=QUEUE_BUCKETS, registry=registry_)
         self.merged_share = Gauge("tessera_merged_share",
                                   "Share of recent forward rows served from merged weights",
                                   registry=registry_)
@@ -167,10 +181,14 @@ class Metrics:
         if method_of is not None:
             self._method_of = method_of
 
-    def attach(self, engine: Engine) -> None:
+    def attach(self, engine: Engine,
+               model_of: Callable[[str], str | None] | None = None) -> None:
         """Bind a started engine: its stats at scrape time and its step hook. Call once,
-        in the app's lifespan after ``await engine.start()``."""
+        in the app's lifespan after ``await engine.start()``. ``model_of(key)``: the
+        ``model`` name requests used for an adapter key (the router's LoRA series)."""
         self.bind_engine(engine.stats, engine.method_of)
+        if model_of is not None:
+            self._state.model_of = model_of
         engine.subscribe(self.on_step)
 
     def bind_host_cache(self, stats: Callable[[], CacheStats]) -> None:
@@ -216,6 +234,8 @@ class Metrics:
     def on_step(self, report: StepReport) -> None:
         """``engine.subscribe(metrics.on_step)``: runs once per forward."""
         self.batch_rows.observe(len(report.adapters))
+        for waited in report.queued:
+            self.queue_time.observe(waited)
         self.batch_adapters.observe(report.distinct_adapters)
         flags = report.merged or tuple(k is not None and self._is_merged(k)
                                        for k in report.adapters)
@@ -243,11 +263,13 @@ class _StateCollector(Collector):
         self.engine: Callable[[], EngineStats] | None = None
         self.cache: Callable[[], CacheStats] | None = None
         self.store: Callable[[], EmbeddedStats | None] | None = None
+        self.model_of: Callable[[str], str | None] = lambda key: None
 
     def describe(self) -> Iterable[Metric]:
         return []  # families depend on what is bound; collect() is cheap and side-free
 
     def collect(self) -> Iterator[Metric]:
+        stats: EngineStats | None = None
         if self.engine is not None:
             try:
                 stats = self.engine()
@@ -255,8 +277,17 @@ class _StateCollector(Collector):
                 stats = None  # not started yet / stopped: no engine series this scrape
             if stats is not None:
                 yield from _engine_families(stats)
+                yield from _router_families(stats, self.model_of)
         if self.cache is not None:
-            yield from _cache_families(self.cache())
+            cache = self.cache()
+            yield from _cache_families(cache)
+            resident = GaugeMetricFamily("tessera_adapters_resident",
+                                         "Adapters held, by tier (Redis holds every one)",
+                                         labels=("tier",))
+            resident.add_metric(("host",), cache.entries)
+            if stats is not None:
+                resident.add_metric(("device",), stats.resident_adapters)
+            yield resident
         if self.store is not None and (embedded := self.store()) is not None:
             yield from _store_families(embedded)
 
@@ -295,6 +326,35 @@ def _engine_families(s: EngineStats) -> Iterator[Metric]:
                    slots.load_seconds_total)
     yield _gauge("tessera_slot_resident_adapters", "Adapters resident on the device",
                  s.resident_adapters)
+
+
+def _router_families(s: EngineStats, model_of: Callable[[str], str | None]
+                     ) -> Iterator[Metric]:
+    """vLLM's router-facing series under tessera's prefix (the endpoint picker's flags
+    name them; docs/deploy.md)."""
+    yield _gauge("tessera:num_requests_waiting", "Requests waiting to join the batch",
+                 s.queue_depth)
+    yield _gauge("tessera:num_requests_running", "Requests in the batch (decoding or "
+                 "prefilling)", s.running_rows + s.prefilling_rows)
+    usage = s.kv_tokens_used / s.kv_tokens_total if s.kv_tokens_total else 0.0
+    yield _gauge("tessera:kv_cache_usage_perc", "Share of the KV budget in use (0..1)",
+                 min(usage, 1.0))
+    yield _gauge("tessera_kv_cache_tokens_used", "KV positions held, rounded up to blocks",
+                 s.kv_tokens_used)
+    yield _gauge("tessera_kv_cache_tokens", "KV budget in token positions",
+                 s.kv_tokens_total)
+    yield _counter("tessera_preemptions", "Rows preempted for the KV budget (recomputed)",
+                   s.preemptions)
+
+    def names(keys: Iterable[str]) -> str:
+        return ",".join(sorted({m for k in keys if (m := model_of(k)) is not None}))
+
+    info = GaugeMetricFamily(
+        "tessera:lora_requests_info", "Adapters in the batch and in the queue (value: time)",
+        labels=("max_lora", "running_lora_adapters", "waiting_lora_adapters"))
+    info.add_metric((str(s.max_slots), names(s.running_adapters), names(s.waiting_adapters)),
+                    time.time())
+    yield info
 
 
 def _cache_families(c: CacheStats) -> Iterator[Metric]:

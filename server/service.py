@@ -54,6 +54,7 @@ class Service:
         self.store = store
         self._fingerprint: str | None = None
         self._methods: dict[str, str] = {}  # adapter key -> method (one per stored version)
+        self._models: dict[str, str] = {}  # adapter key -> the model name it was asked by
         self.hyper = HyperLoaderService(engine, store, self.base_fingerprint)
 
     @property
@@ -152,7 +153,15 @@ class Service:
         """The adapter spec of ``model`` (None for the base) and its method (for metrics,
         known before the request is admitted, so rejections carry it too)."""
         spec = await self.adapter_for(tenant, model)
-        return spec, None if spec is None else self._methods.get(spec.key)
+        if spec is None:
+            return None, None
+        self._models[spec.key] = model
+        return spec, self._methods.get(spec.key)
+
+    def model_of(self, key: str) -> str | None:
+        """The ``model`` name requests used for adapter ``key`` (the name a router keys
+        on); None for a key no request resolved."""
+        return self._models.get(key)
 
     async def submit(self, spec: AdapterSpec | None, *, request_id: str,
                      prompt: str | Sequence[int] | None,

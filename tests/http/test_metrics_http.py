@@ -64,3 +64,48 @@ async def test_more_adapters_than_slots_are_correct_and_evictions_counted(
     # every adapter came from Redis at least once (first use), none from nowhere
     assert sample(after, "tessera_adapter_load_seconds_count") >= len(methods)
     assert 'source="redis"' in after
+
+
+def labels_of(scrape: str, name: str) -> dict[str, str]:
+    """The labels of the one sample of ``name`` in a scrape."""
+    found = re.findall(rf"^{re.escape(name)}{{([^}}]*)}} ", scrape, re.M)
+    assert len(found) == 1, (name, found)
+    return dict(re.findall(r'(\w+)="([^"]*)"', found[0]))
+
+
+async def test_router_series_follow_a_live_stream(two_slots: LiveServer,
+                                                  ref_base: nn.Module) -> None:
+    """The endpoint-picker series (vLLM's names, tessera's prefix) while a stream runs:
+    one running request, KV in use, its ``model`` name among the running LoRA adapters;
+    after it ends nothing runs and its queue time was observed."""
+    async with httpx.AsyncClient(base_url=two_slots.url, timeout=120) as client:
+        api = Api(client)
+        _, headers = await api.tenant()
+        adapter = FACTORIES["lora"](ref_base, torch.Generator().manual_seed(5))
+        r = await api.upload_tessera(headers, "router-lora", *artifact.dumps(adapter))
+        assert r.status_code == 201, r.text
+        await api.activate(headers, "router-task", "router-lora")
+        before = (await client.get("/metrics")).text
+        body = {"prompt": "hello", "max_tokens": 120, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        async with client.stream("POST", "/v1/tasks/router-task/generate", headers=headers,
+                                 json=body) as s:
+            assert s.status_code == 200, await s.aread()
+            lines = s.aiter_lines()
+            while not (await anext(lines)).startswith("data: "):
+                pass
+            during = (await client.get("/metrics")).text
+        await asyncio.sleep(0.5)  # the closed stream's row leaves within a step
+        after = (await client.get("/metrics")).text
+    assert sample(during, "tessera:num_requests_running") == 1
+    assert sample(during, "tessera:num_requests_waiting") == 0
+    assert 0 < sample(during, "tessera:kv_cache_usage_perc") <= 1
+    info = labels_of(during, "tessera:lora_requests_info")
+    assert info == {"max_lora": "2", "running_lora_adapters": "router-task",
+                    "waiting_lora_adapters": ""}
+    assert 'tessera_adapters_resident{tier="device"}' in during
+    assert sample(after, "tessera:num_requests_running") == 0
+    assert sample(after, "tessera:kv_cache_usage_perc") == 0
+    assert labels_of(after, "tessera:lora_requests_info")["running_lora_adapters"] == ""
+    assert (sample(after, "tessera_request_queue_time_seconds_count")
+            - sample(before, "tessera_request_queue_time_seconds_count")) == 1
