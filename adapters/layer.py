@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.adapters.banks.base import Bank
-from tessera.adapters.plan import current_plan
+from tessera.adapters.plan import StepMeta
 from tessera.adapters.targets import TargetInfo, bias_of, weight_of
 
 STAGES = ("input", "delta", "scale", "output")
@@ -19,10 +19,12 @@ class AdapterLayer(nn.Module):
     """Replaces a Linear/Conv1D in the model. Without a plan, or when no token of the batch
     uses a slot holding anything on this module, it is exactly the base layer."""
 
-    def __init__(self, base: nn.Module, target: TargetInfo, banks: Sequence[Bank]) -> None:
+    def __init__(self, base: nn.Module, target: TargetInfo, banks: Sequence[Bank],
+                 meta: StepMeta) -> None:
         super().__init__()
         self.base = base
         self.target = target
+        self.meta = meta  # the pool's routing of the forward in flight (shared, not owned)
         self.by_kind = {bank.kind: bank for bank in banks}
         self.staged: list[Bank] = sorted(banks, key=lambda b: STAGES.index(b.stage))
 
@@ -32,7 +34,7 @@ class AdapterLayer(nn.Module):
         return weight_of(self.base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = current_plan()
+        plan = self.meta.plan
         if plan is None:
             return self.base(x)  # type: ignore[no-any-return]
         flat = x.reshape(-1, self.target.in_features)  # [N, in]

@@ -1,21 +1,21 @@
 """Per-forward routing: which slot each token uses, computed once and read by every layer.
 
-The slot index travels beside the Hugging Face forward in a ``ContextVar`` (HF modules do
-not pass extra arguments down to their projections). Nothing in the model is mutated per
-request: the plan is per call, async- and thread-safe.
+HF modules pass nothing extra down to their projections, so the routing reaches the
+layers through :class:`StepMeta`: one object per slot pool, held by every wrapped layer
+(vLLM's punica-wrapper pattern), written once per step before the forward and cleared
+after it. The slot ids sit in a device buffer the pool preallocates and reuses, and the
+step's one host synchronisation (the distinct slots and their token counts) happens when
+the step begins, not inside the forward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
 
-_PLAN: ContextVar[SlotPlan | None] = ContextVar("tessera_slot_plan", default=None)
+from tessera.adapters.errors import PoolError
 
 
 @dataclass(frozen=True)
@@ -139,14 +139,34 @@ class SlotPlan:
         return found
 
 
-def current_plan() -> SlotPlan | None:
-    return _PLAN.get()
+class StepMeta:
+    """The adapter metadata of the forward in flight (None between forwards), shared by
+    every layer of one pool. One forward at a time per pool: the engine runs its forwards
+    in one thread, and a second :meth:`begin` before :meth:`end` is refused."""
 
+    def __init__(self, num_slots: int, gather_budget: int, device: torch.device,
+                 capacity: int = 256) -> None:
+        self.num_slots = num_slots
+        self.gather_budget = gather_budget
+        self._ids = torch.full((capacity,), -1, dtype=torch.long, device=device)  # [cap]
+        self.plan: SlotPlan | None = None
 
-@contextmanager
-def use_plan(plan: SlotPlan) -> Iterator[SlotPlan]:
-    token = _PLAN.set(plan)
-    try:
-        yield plan
-    finally:
-        _PLAN.reset(token)
+    def begin(self, slot_ids: torch.Tensor) -> SlotPlan:
+        """Write ``slot_ids`` (per row ``[B]`` or per token ``[B, T]``, on the pool's
+        device) into the buffer and route them; the layers read the result."""
+        if self.plan is not None:
+            raise PoolError("this pool is already routing a forward (one at a time)")
+        flat = slot_ids.reshape(-1)  # [n]
+        n = int(flat.shape[0])
+        if n > self._ids.shape[0]:  # grow by doubling; steady state reuses one buffer
+            self._ids = torch.full((max(n, 2 * int(self._ids.shape[0])),), -1,
+                                   dtype=torch.long, device=self._ids.device)
+        ids = self._ids[:n]  # [n] view of the preallocated buffer
+        ids.copy_(flat)
+        plan = SlotPlan(ids, self.num_slots, self.gather_budget)
+        plan.routing(n)  # the step's host sync, before the forward (per-token ids, or T = 1)
+        self.plan = plan
+        return plan
+
+    def end(self) -> None:
+        self.plan = None

@@ -31,7 +31,7 @@ from tessera.adapters.banks import BANKS, Bank
 from tessera.adapters.errors import AdapterValidationError, PoolError
 from tessera.adapters.layer import AdapterLayer
 from tessera.adapters.method import Adapter, Limits, Method, MethodConfig, SlotData, Tensors
-from tessera.adapters.plan import SlotPlan, use_plan
+from tessera.adapters.plan import SlotPlan, StepMeta
 from tessera.adapters.validation import check_lowered, validate_component
 
 
@@ -91,13 +91,14 @@ class SlotPool:
         if not available:
             raise PoolError("the pool's target_modules select no projection of the model")
         self.targets: dict[str, tg.TargetInfo] = available
+        self.meta = StepMeta(config.num_slots, config.gather_budget, self.device)
         self.layers: dict[str, AdapterLayer] = {}
         for path, target in available.items():
             banks = [BANKS[kind](config.num_slots, target, self.limits, self.dtype, self.device)
                      for kind in kinds]
             parent_path, _, child = path.rpartition(".")
             parent = model.get_submodule(parent_path)
-            layer = AdapterLayer(getattr(parent, child), target, banks)
+            layer = AdapterLayer(getattr(parent, child), target, banks, self.meta)
             setattr(parent, child, layer)
             self.layers[path] = layer
         self.resident: list[Adapter | None] = [None] * config.num_slots
@@ -175,17 +176,19 @@ class SlotPool:
             raise PoolError(f"slot {slot} out of range [0, {self.num_slots})")
 
     # --- forward --------------------------------------------------------------------------
-    def plan(self, slot_ids: torch.Tensor | list[int]) -> SlotPlan:
-        ids = torch.as_tensor(slot_ids, dtype=torch.long, device=self.device)
-        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_slots):
-            raise PoolError(f"slot ids must lie in [-1, {self.num_slots})")
-        return SlotPlan(ids, self.num_slots, self.config.gather_budget)
-
     @contextmanager
     def use(self, slot_ids: torch.Tensor | list[int]) -> Iterator[SlotPlan]:
-        """Route the forwards inside the block: per-row ``[B]`` or per-token ``[B, T]``."""
-        with use_plan(self.plan(slot_ids)) as plan:
+        """Route the forwards inside the block: per-row ``[B]`` or per-token ``[B, T]``
+        slot ids (-1 = base only), checked and written once into the pool's
+        :class:`~tessera.adapters.plan.StepMeta`."""
+        ids = torch.as_tensor(slot_ids, dtype=torch.long)
+        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_slots):
+            raise PoolError(f"slot ids must lie in [-1, {self.num_slots})")
+        plan = self.meta.begin(ids.to(self.device))
+        try:
             yield plan
+        finally:
+            self.meta.end()
 
     def banks(self) -> Mapping[str, Mapping[str, Bank]]:
         return {path: layer.by_kind for path, layer in self.layers.items()}

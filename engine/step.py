@@ -157,9 +157,14 @@ class Stepper:
             group = self.merged[id(seq.variant)] = self._new_group(seq.variant, pooled=False)
         return group
 
-    def _route(self, pooled: bool, slots: list[int]) -> AbstractContextManager[Any]:
-        """The slot-pool plan for the base's rows; a merged variant has no pool layers."""
-        return self.pool.use(torch.tensor(slots)) if pooled else nullcontext()
+    def _route(self, pooled: bool, slots: list[int], tokens: int = 1
+               ) -> AbstractContextManager[Any]:
+        """The slot-pool routing of the base's rows, ``tokens`` per row (given per token,
+        so the pool routes before the forward); a merged variant has no pool layers."""
+        if not pooled:
+            return nullcontext()
+        ids = torch.tensor(slots).unsqueeze(1).expand(-1, tokens)  # [B, T]
+        return self.pool.use(ids)
 
     def step(self, plan: StepPlan) -> StepResult:
         with torch.no_grad():
@@ -316,7 +321,7 @@ class Stepper:
             ~attend, torch.finfo(dtype).min).unsqueeze(1)  # [B, 1, W, W] additive
         last = sorted({n - 1 for n in lengths})  # positions whose logits are needed
         cache = DynamicCache()
-        with self._route(True, [s.slot for s in rows]):  # slot per row [B]
+        with self._route(True, [s.slot for s in rows], width):  # slot per token [B, W]
             out = self.model(input_ids=ids, attention_mask=mask,
                              position_ids=span.unsqueeze(0).expand(len(rows), width),
                              cache=cache, use_cache=True,
@@ -334,7 +339,7 @@ class Stepper:
         positions = torch.arange(start, start + len(chunk),
                                  device=self.base.device).unsqueeze(0)  # [1, T]
         model = self.model if seq.variant is None else seq.variant
-        with self._route(seq.variant is None, [seq.slot]):
+        with self._route(seq.variant is None, [seq.slot], len(chunk)):  # [1, T]
             out = model(input_ids=ids, position_ids=positions, cache=seq.cache,
                         use_cache=True, logits_to_keep=1)
         seq.prefilled += len(chunk)
