@@ -17,7 +17,8 @@ STAGES = ("input", "delta", "scale", "output")
 
 class AdapterLayer(nn.Module):
     """Replaces a Linear/Conv1D in the model. Without a plan, or when no token of the batch
-    uses a slot holding anything on this module, it is exactly the base layer."""
+    uses a slot holding anything on this module (and no hot merge covers it), it is exactly
+    the base layer."""
 
     def __init__(self, base: nn.Module, target: TargetInfo, banks: Sequence[Bank],
                  meta: StepMeta) -> None:
@@ -40,9 +41,10 @@ class AdapterLayer(nn.Module):
         flat = x.reshape(-1, self.target.in_features)  # [N, in]
         routing = plan.routing(flat.shape[0])
         banks = [b for b in self.staged if not b.occupied.isdisjoint(routing.unique_set)]
-        if not banks:
+        hot = self.meta.hot.get(self.target.path) if routing.hot is not None else None
+        if not banks and hot is None:
             return self.base(x)  # type: ignore[no-any-return]
-        weight = self.weight
+        weight = self.weight  # W0 [out, in]: what the banks' math is written against
         h = flat
         for bank in banks:
             if bank.stage == "input":
@@ -52,7 +54,12 @@ class AdapterLayer(nn.Module):
         # The bias joins the base GEMM (bit-identical base rows) unless a scale bank must
         # act between them (DoRA scales W0 x + delta, not the bias).
         late_bias = bias is not None and any(b.stage == "scale" for b in banks)
-        y = F.linear(x_in, weight, None if late_bias else bias)  # [N, out]
+        y = F.linear(x_in, weight if hot is None else hot.weight,
+                     None if late_bias else bias)  # [N, out]
+        if hot is not None and not routing.all_hot and routing.hot is not None:
+            # the other tokens get W0 x_in back: W_hot x - up (down x), before their banks
+            low = (x_in @ hot.down.t()).masked_fill(routing.hot.unsqueeze(1), 0)  # [N, r]
+            y = y - low @ hot.up.t()  # [N, out]
         for bank in banks:
             if bank.stage in ("delta", "scale"):
                 y = bank.apply(y, x_in, weight, routing)

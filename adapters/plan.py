@@ -30,12 +30,28 @@ class Segments:
     tokens: torch.Tensor | None  # [M] tokens that use an active slot; None = all N, in order
 
 
+@dataclass(frozen=True)
+class HotDelta:
+    """One module's share of a hot merge (dLoRA): ``weight = W0 + up @ down`` in the base's
+    dtype and ``F.linear`` layout, a buffer beside W0 (never written into it). Tokens of the
+    hot adapter run on it with no adapter work; every other token of the forward gets
+    ``- up (down x)`` back, so it computes exactly ``W0 x`` before its own adapter."""
+
+    weight: torch.Tensor  # [out, in]
+    down: torch.Tensor  # [r, in]
+    up: torch.Tensor  # [out, r], the adapter's scale folded in
+
+
 class Routing:
     """Routing of ``N`` flattened tokens. ``index`` maps base-only tokens (-1) to the
-    permanently empty *null* row ``num_slots`` of every bank, so gathers need no mask."""
+    permanently empty *null* row ``num_slots`` of every bank, so gathers need no mask.
+    ``hot``: which tokens belong to the installed hot merge (None: none of them)."""
 
-    def __init__(self, slots: torch.Tensor, num_slots: int, gather_budget: int) -> None:
-        self.slots = slots  # [N] long, -1 = base only
+    def __init__(self, slots: torch.Tensor, num_slots: int, gather_budget: int,
+                 hot: torch.Tensor | None = None, all_hot: bool = False) -> None:
+        self.slots = slots  # [N] long, -1 = base only (hot tokens are -1 here too)
+        self.hot = hot  # [N] bool, or None when no token is hot
+        self.all_hot = all_hot  # every token is hot: no correction term at all
         self.num_tokens = int(slots.shape[0])
         self.index = torch.where(slots < 0, torch.full_like(slots, num_slots), slots)  # [N]
         # One host sync per forward (not per layer): the distinct slots of this batch and
@@ -112,10 +128,14 @@ class Routing:
 
 
 class SlotPlan:
-    """Slot ids for one forward: per token ``[B, T]``/``[N]`` or per row ``[B]``."""
+    """Slot ids for one forward: per token ``[B, T]``/``[N]`` or per row ``[B]``; ``hot``
+    (same shape, bool) marks the rows/tokens of the installed hot merge."""
 
-    def __init__(self, slot_ids: torch.Tensor, num_slots: int, gather_budget: int) -> None:
+    def __init__(self, slot_ids: torch.Tensor, num_slots: int, gather_budget: int,
+                 hot: torch.Tensor | None = None, all_hot: bool = False) -> None:
         self.slot_ids = slot_ids.reshape(-1).long()
+        self.hot = None if hot is None else hot.reshape(-1)
+        self.all_hot = all_hot
         self.num_slots = num_slots
         self.gather_budget = gather_budget
         self._routing: dict[int, Routing] = {}
@@ -127,14 +147,16 @@ class SlotPlan:
         if found is not None:
             return found
         rows = int(self.slot_ids.shape[0])
+        hot = self.hot
         if num_tokens == rows:
             slots = self.slot_ids
         elif rows > 0 and num_tokens % rows == 0:
             slots = self.slot_ids.repeat_interleave(num_tokens // rows)
+            hot = None if hot is None else hot.repeat_interleave(num_tokens // rows)
         else:
             raise ValueError(f"slot ids for {rows} rows/tokens do not fit a layer input of "
                              f"{num_tokens} tokens")
-        found = Routing(slots, self.num_slots, self.gather_budget)
+        found = Routing(slots, self.num_slots, self.gather_budget, hot, self.all_hot)
         self._routing[num_tokens] = found
         return found
 
@@ -149,21 +171,32 @@ class StepMeta:
         self.num_slots = num_slots
         self.gather_budget = gather_budget
         self._ids = torch.full((capacity,), -1, dtype=torch.long, device=device)  # [cap]
+        self._hot = torch.zeros(capacity, dtype=torch.bool, device=device)  # [cap]
         self.plan: SlotPlan | None = None
+        self.hot: dict[str, HotDelta] = {}  # the installed hot merge, by module path
 
-    def begin(self, slot_ids: torch.Tensor) -> SlotPlan:
+    def begin(self, slot_ids: torch.Tensor, hot: list[bool] | None = None) -> SlotPlan:
         """Write ``slot_ids`` (per row ``[B]`` or per token ``[B, T]``, on the pool's
-        device) into the buffer and route them; the layers read the result."""
+        device) and ``hot`` (per row/token, host side) into the buffers and route them;
+        the layers read the result."""
         if self.plan is not None:
             raise PoolError("this pool is already routing a forward (one at a time)")
         flat = slot_ids.reshape(-1)  # [n]
         n = int(flat.shape[0])
         if n > self._ids.shape[0]:  # grow by doubling; steady state reuses one buffer
-            self._ids = torch.full((max(n, 2 * int(self._ids.shape[0])),), -1,
-                                   dtype=torch.long, device=self._ids.device)
+            size = max(n, 2 * int(self._ids.shape[0]))
+            self._ids = torch.full((size,), -1, dtype=torch.long, device=self._ids.device)
+            self._hot = torch.zeros(size, dtype=torch.bool, device=self._hot.device)
         ids = self._ids[:n]  # [n] view of the preallocated buffer
         ids.copy_(flat)
-        plan = SlotPlan(ids, self.num_slots, self.gather_budget)
+        hot_ids: torch.Tensor | None = None
+        if hot is not None and any(hot) and self.hot:
+            if len(hot) != n:
+                raise PoolError(f"hot flags for {len(hot)} rows/tokens, slot ids for {n}")
+            hot_ids = self._hot[:n]  # [n]
+            hot_ids.copy_(torch.tensor(hot, dtype=torch.bool))
+        plan = SlotPlan(ids, self.num_slots, self.gather_budget, hot_ids,
+                        all_hot=hot_ids is not None and hot is not None and all(hot))
         plan.routing(n)  # the step's host sync, before the forward (per-token ids, or T = 1)
         self.plan = plan
         return plan

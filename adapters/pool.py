@@ -31,7 +31,7 @@ from tessera.adapters.banks import BANKS, Bank
 from tessera.adapters.errors import AdapterValidationError, PoolError
 from tessera.adapters.layer import AdapterLayer
 from tessera.adapters.method import Adapter, Limits, Method, MethodConfig, SlotData, Tensors
-from tessera.adapters.plan import SlotPlan, StepMeta
+from tessera.adapters.plan import HotDelta, SlotPlan, StepMeta
 from tessera.adapters.validation import check_lowered, validate_component
 
 
@@ -176,15 +176,46 @@ class SlotPool:
             raise PoolError(f"slot {slot} out of range [0, {self.num_slots})")
 
     # --- forward --------------------------------------------------------------------------
+    # --- hot merge (dLoRA) ------------------------------------------------------------------
+    @staticmethod
+    def mergeable_hot(prepared: PreparedAdapter) -> bool:
+        """Whether an adapter can be the hot merge: it lowers to the low-rank bank only
+        (LoRA, rsLoRA, HRA), so ``dW = B A`` and the other tokens' correction is one
+        rank-r product."""
+        return bool(prepared.data) and all(kind == "lowrank" for _, kind in prepared.data)
+
+    def hot_merge(self, prepared: PreparedAdapter) -> dict[str, HotDelta]:
+        """Per module: ``W0 + B A`` (computed in fp32, stored in the base's dtype) and the
+        factors. New buffers: W0 is only read. Build it off the forward thread."""
+        if not self.mergeable_hot(prepared):
+            raise PoolError("only adapters lowering to the low-rank bank have a hot merge")
+        merged: dict[str, HotDelta] = {}
+        for (path, _), data in prepared.data.items():
+            w0 = self.layers[path].weight  # [out, in]
+            down = data.tensors["A"].to(self.device, torch.float32)  # [r, in]
+            up = data.tensors["B"].to(self.device, torch.float32)  # [out, r]
+            weight = (w0.float() + up @ down).to(w0.dtype).contiguous()  # [out, in]
+            merged[path] = HotDelta(weight, down.to(self.dtype), up.to(self.dtype))
+        return merged
+
+    def install_hot(self, merged: dict[str, HotDelta] | None) -> None:
+        """Make ``merged`` the hot merge of the next forwards (None: none); between
+        forwards only (one reference swapped, nothing copied)."""
+        if self.meta.plan is not None:
+            raise PoolError("the hot merge changes between forwards only")
+        self.meta.hot = dict(merged or {})
+
     @contextmanager
-    def use(self, slot_ids: torch.Tensor | list[int]) -> Iterator[SlotPlan]:
+    def use(self, slot_ids: torch.Tensor | list[int],
+            hot: list[bool] | None = None) -> Iterator[SlotPlan]:
         """Route the forwards inside the block: per-row ``[B]`` or per-token ``[B, T]``
         slot ids (-1 = base only), checked and written once into the pool's
-        :class:`~tessera.adapters.plan.StepMeta`."""
+        :class:`~tessera.adapters.plan.StepMeta`. ``hot`` (flat, per row or token): the
+        rows of the installed hot merge; give them slot -1 (they need no slot)."""
         ids = torch.as_tensor(slot_ids, dtype=torch.long)
         if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_slots):
             raise PoolError(f"slot ids must lie in [-1, {self.num_slots})")
-        plan = self.meta.begin(ids.to(self.device))
+        plan = self.meta.begin(ids.to(self.device), hot)
         try:
             yield plan
         finally:

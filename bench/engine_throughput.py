@@ -130,7 +130,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
         settings = HermeticSettings(
             model=tmp, device="cpu", dtype="float32", num_slots=max(args.adapters, 1),
             max_rank=16, max_batch_rows=args.requests, max_queue=4 * args.requests,
-            context_limit=args.prompt + args.new + 8, hot_max_merged=0,
+            context_limit=args.prompt + args.new + 8, hot_merge=False,
             methods=["lora"], max_tokens_limit=args.new, default_max_tokens=args.new)
         engine = Engine(settings)
         await engine.start()

@@ -11,8 +11,9 @@ per forward (batch size, adapters per row: metrics, hot-tenant share of recent t
 ``engine.base`` gives the model and tokenizer; the per-request loader is where host cache /
 Redis / HyperLoader generation plug in.
 
-Hot tenants (:mod:`tessera.engine.hot`): the policy serves a busy adapter's new rows from a merged
-copy kept beside the base; admins pin with ``await engine.pin(spec)`` / ``engine.unpin(key)``;
+Hot tenants (:mod:`tessera.engine.hot`): while one low-rank adapter dominates the traffic,
+steps run on W0 + its delta (a buffer beside the base) and the other rows of the same
+forward are corrected; admins pin with ``await engine.pin(spec)`` / ``engine.unpin(key)``;
 ``engine.is_merged(key)`` and ``engine.stats().hot`` (merged share of recent tokens) are
 for metrics.
 """
@@ -90,11 +91,11 @@ class Engine:
         self._base = await loop.run_in_executor(self._forward, load_base, self.settings)
         pool = SlotPool(self._base.model, self.settings.pool_config())
         self._slots = SlotManager(pool, self._loads, on_change=self._wake)
-        self._hot = HotTenants(self.settings, self._base.model, self._loads,
+        self._hot = HotTenants(self.settings, pool, self._loads,
                                on_change=self._wake)
         stepper = Stepper(self._base, pool, self.settings.kv_budget())
         scheduler = Scheduler(self.settings, stepper, self._slots, self._forward,
-                              variant_of=self._hot.variant, observers=[self._record])
+                              hot_of=self._hot.wanted, observers=[self._record])
         self._scheduler = scheduler
         scheduler.start()
         self._hot.start()
@@ -214,9 +215,9 @@ class Engine:
 
     # --- hot tenants ------------------------------------------------------------------
     async def pin(self, adapter: AdapterSpec) -> None:
-        """Admin: serve ``adapter`` merged regardless of traffic, until :meth:`unpin`.
-        Returns once its merged copy serves new rows. Raises ``NotMergeableError`` for an
-        adapter with an output-stage part (bottleneck, HyperLoader) or the load's error."""
+        """Admin: make ``adapter`` the hot one regardless of traffic, until :meth:`unpin`
+        (one at a time: a later pin replaces it). Returns once its merge is ready. Raises
+        ``NotMergeableError`` unless it is low-rank only (LoRA, HRA), or the load's error."""
         await self.hot.pin(adapter.key, adapter.loader)
 
     def unpin(self, key: str) -> bool:
@@ -225,7 +226,7 @@ class Engine:
         return self.hot.unpin(key)
 
     def is_merged(self, key: str) -> bool:
-        """New rows of ``key`` run on its merged copy (for metrics labels)."""
+        """New rows of ``key`` run on the hot merge (for metrics labels)."""
         return self._hot is not None and self._hot.is_merged(key)
 
     def method_of(self, key: str) -> str:

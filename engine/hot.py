@@ -1,51 +1,45 @@
-"""Hot tenants: serve a busy adapter's rows from merged weights kept *beside* the shared base.
+"""Hot tenants: while one adapter dominates the traffic, run every step on W0 + dW_hot.
+
+dLoRA's way (OSDI'24), inside the one forward: the hot adapter's low-rank delta is merged
+into a buffer beside each targeted W0 (:meth:`SlotPool.hot_merge`; W0 is never written).
+The hot adapter's rows then need no slot and no adapter work; every other row of the same
+forward gets ``-B_hot (A_hot x)`` back, so it computes ``W0 x`` before its own adapter
+(:class:`~tessera.adapters.plan.HotDelta`). One KV cache, one forward, one set of weights
+read per module: merging makes a step cheaper, never dearer (``bench/engine_throughput.py
+--hot`` measures it).
+
+Eligible adapters lower to the low-rank bank only (LoRA, rsLoRA, HRA): their delta is
+``B A`` and the correction is one rank-r product. DoRA and HUT multiply W0, SoKA's delta
+is not low-rank, a bottleneck is not a weight: those always run through the slot pool.
 
 Policy (``EngineSettings.hot_*``), checked every ``hot_interval_s`` on the event loop:
 
 - every generated token is recorded with its adapter key and whether it ran merged; the
   window is the last ``hot_window_s`` seconds;
-- an adapter enters when its share of the window's tokens reaches ``hot_enter_share`` (and
-  the window holds at least ``hot_min_tokens``); a merged one stays while its share is at
-  least ``hot_leave_share`` (hysteresis), so a cooling tenant is dropped, and a tenant
-  whose traffic stopped is dropped once its tokens leave the window;
-- at most ``hot_max_merged`` adapters are merged by the policy (highest share first);
-  admin pins (:meth:`HotTenants.pin`) come on top and stay merged regardless of traffic.
+- the adapter with the largest share of the window's tokens becomes hot when its share
+  reaches ``hot_enter_share`` (and the window holds at least ``hot_min_tokens``); the hot
+  one stays while its share is at least ``hot_leave_share`` (hysteresis);
+- one hot adapter at a time; an admin pin (:meth:`HotTenants.pin`) takes the place
+  regardless of traffic (the latest pin wins).
 
-Eligibility: an adapter is merged only when every component is a weight-stage method with
-a merged form (LoRA, DoRA, HRA, HUT, SoKA). An adapter with an output-stage part
-(bottleneck, a HyperLoader task = LoRA + bottleneck) is never merged; its rows always run
-through the slot pool. (Merging only its LoRA part would still need the pool for the
-bottleneck: no gain, one more path.) Eligibility is known once the adapter is loaded; an
-ineligible key is remembered and never tried again.
-
-A merged *variant* (:func:`build_variant`) is a structural copy of the base model whose
-targeted projections hold new tensors from ``tessera.adapters.merged_weights``; every other module
-shares the base's parameter and buffer tensors (no copy), and the slot-pool wrappers are
-left out (a merged row needs no slot). It is built in a load worker thread, off the
-forward loop; it becomes visible to the scheduler on the loop thread, so the switch
-happens between steps. A new row of a merged adapter runs on the variant, as a separate
-forward group with its own KV cache (:mod:`tessera.engine.step`); rows keep the path they started
-on until they finish (a dropped variant lives on until its last row ends). The base
-model's parameters are never written.
+The merge is built in a load worker, off the forward loop. The scheduler installs what
+:meth:`HotTenants.wanted` returns between steps, once no row of the previous hot adapter
+is left (those rows hold no slot); rows admitted while an adapter is installed run merged,
+other rows of it keep their slots.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
 
-import torch
-from torch import nn
-
-from tessera.adapters import Adapter, NotMergeableError, merged_weights, registry
-from tessera.adapters import targets as tg
+from tessera.adapters import Adapter, NotMergeableError, SlotPool
+from tessera.adapters.plan import HotDelta
 from tessera.engine.settings import EngineSettings
 from tessera.engine.slots import AdapterLoader
 
@@ -54,55 +48,17 @@ log = logging.getLogger(__name__)
 Token = tuple[str | None, bool]  # (adapter key, None = base; served merged)
 
 
-def eligible(adapter: Adapter) -> bool:
-    """Every component weight-stage and mergeable (no bottleneck / output-stage part)."""
-    methods = [registry.get(c.method) for c in adapter.components]
-    return bool(methods) and all(m.stage == "weight" and m.mergeable for m in methods)
+Merge = dict[str, HotDelta]  # module path -> its share of a hot merge
 
 
-def build_variant(model: nn.Module, adapter: Adapter) -> nn.Module:
-    """A copy of ``model``'s module tree computing ``adapter`` with merged weights.
-
-    Only the merged projections get new tensors (in the module's own layout); every other
-    parameter and buffer *is* the base's tensor. Slot-pool wrappers are replaced by the
-    projection they wrap. ``model`` is only read."""
-    if not eligible(adapter):
-        raise NotMergeableError(f"adapter {adapter.methods} has a part with no merged form")
-    with torch.no_grad():
-        merged = merged_weights(model, adapter)
-    # deepcopy consults ``memo`` first: an entry maps an original object to what the copy
-    # uses instead. Tensors and the config map to themselves (shared, never copied).
-    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    config = getattr(model, "config", None)
-    if config is not None:
-        memo[id(config)] = config
-    for path, module in model.named_modules():
-        base = tg.unwrap(module)
-        if path in merged:
-            weight, bias = merged[path]
-            memo[id(module)] = _merged_projection(base, weight, bias)
-        elif base is not module:
-            memo[id(module)] = base  # an unused slot-pool wrapper: the plain projection
-    variant = copy.deepcopy(model, memo)
-    assert isinstance(variant, nn.Module)
-    return variant.eval()
-
-
-def _merged_projection(base: nn.Module, weight: torch.Tensor,
-                       bias: torch.Tensor | None) -> nn.Module:
-    """A copy of the Linear/Conv1D ``base`` holding ``weight`` (module layout) and ``bias``."""
-    old_w, old_b = base.weight, tg.bias_of(base)
-    assert isinstance(old_w, torch.Tensor)
-    new_w = nn.Parameter(weight.to(old_w.dtype).contiguous(), requires_grad=False)
-    inner: dict[int, Any] = {id(old_w): new_w}
-    new_b = None if bias is None else nn.Parameter(bias.to(old_w.dtype), requires_grad=False)
-    if old_b is not None:
-        inner[id(old_b)] = new_b if new_b is not None else old_b
-    projection = copy.deepcopy(base, inner)
-    assert isinstance(projection, nn.Module)
-    if old_b is None and new_b is not None:  # e.g. HUT's shift folded into a new bias
-        projection.bias = new_b
-    return projection
+def build_merge(pool: SlotPool, key: str, adapter: Adapter) -> Merge:
+    """Validate, lower and merge ``adapter`` for ``pool`` (in a load worker). Raises
+    ``NotMergeableError`` unless it lowers to the low-rank bank only."""
+    prepared = pool.prepare(adapter)
+    if not pool.mergeable_hot(prepared):
+        raise NotMergeableError(f"adapter {key!r} ({'+'.join(adapter.methods)}) is not "
+                                "low-rank only (LoRA, HRA): it runs through the slot pool")
+    return pool.hot_merge(prepared)
 
 
 @dataclass(frozen=True)
@@ -125,17 +81,17 @@ class HotStats:
 
 
 class HotTenants:
-    """The policy and the merged variants. Every method runs on the event loop."""
+    """The policy and the hot merge it wants. Every method runs on the event loop."""
 
     REMEMBERED = 4096  # loaders / ineligible keys kept (bounded)
 
-    def __init__(self, settings: EngineSettings, model: nn.Module, executor: Executor,
+    def __init__(self, settings: EngineSettings, pool: SlotPool, executor: Executor,
                  on_change: Callable[[], None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
-        self.model = model
+        self.pool = pool  # read only: prepare + merge run in load workers
         self.executor = executor  # load workers: builds run there, off the forward loop
-        self.on_change = on_change  # wakes the scheduler when a variant appears
+        self.on_change = on_change  # wakes the scheduler when a merge is ready
         self.clock = clock
         self._window: deque[tuple[float, Counter[str | None], int]] = deque()
         self._counts: Counter[str | None] = Counter()
@@ -145,11 +101,10 @@ class HotTenants:
         self._loaders: OrderedDict[str, AdapterLoader] = OrderedDict()
         self._ineligible: OrderedDict[str, None] = OrderedDict()
         self._failed: dict[str, float] = {}  # key -> when a build last failed
-        self._active: dict[str, nn.Module] = {}
-        self._methods: dict[str, str] = {}
-        self._pinned: dict[str, AdapterLoader] = {}
-        self._wanted: set[str] = set()
-        self._building: dict[str, asyncio.Task[BaseException | None]] = {}
+        self._ready: tuple[str, Merge, str] | None = None  # (key, merge, methods) wanted
+        self._pinned: tuple[str, AdapterLoader] | None = None
+        self._wanted: str | None = None  # the policy's choice (a pin overrides it)
+        self._building: dict[str, asyncio.Task[tuple[Merge, str]]] = {}
         self._ticker: asyncio.Task[None] | None = None
         self.builds = self.drops = self.build_failures = 0
 
@@ -162,7 +117,7 @@ class HotTenants:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._active.clear()
+        self._ready = None
 
     async def _tick(self) -> None:
         while True:
@@ -212,57 +167,59 @@ class HotTenants:
         return {k: n / self._total for k, n in self._counts.items() if k is not None}
 
     # --- serving ------------------------------------------------------------------------
-    def variant(self, key: str) -> nn.Module | None:
-        """The merged model new rows of ``key`` run on; None = the slot pool."""
-        return self._active.get(key)
+    def wanted(self) -> tuple[str, Merge] | None:
+        """The hot merge to install (the scheduler does, between steps); None = none."""
+        return None if self._ready is None else self._ready[:2]
 
     def is_merged(self, key: str) -> bool:
-        return key in self._active
+        """New rows of ``key`` run on the hot merge (once the scheduler installed it)."""
+        return self._ready is not None and self._ready[0] == key
 
     def method_of(self, key: str) -> str:
-        return self._methods.get(key, "")
+        return self._ready[2] if self._ready is not None and self._ready[0] == key else ""
 
     # --- admin ----------------------------------------------------------------------------
     async def pin(self, key: str, loader: AdapterLoader) -> None:
-        """Keep ``key`` merged regardless of traffic; returns once its variant serves.
-        Raises ``NotMergeableError`` (e.g. a bottleneck part) or the load's error."""
+        """Make ``key`` the hot adapter regardless of traffic (replacing an earlier pin);
+        returns once its merge is ready. Raises ``NotMergeableError`` (not low-rank only)
+        or the load's error."""
         if key in self._ineligible:
-            raise NotMergeableError(f"adapter {key!r} has a part with no merged form")
-        self._pinned[key] = loader
-        if key in self._active:
-            return
-        task = self._building.get(key) or self._start_build(key, loader)
-        error = await asyncio.shield(task)
-        if key not in self._active:
-            self._pinned.pop(key, None)
-            if error is not None:
-                raise error
-            raise NotMergeableError(f"adapter {key!r} could not be merged")
+            raise NotMergeableError(f"adapter {key!r} is not low-rank only (LoRA, HRA)")
+        if not self.is_merged(key):  # a failed pin leaves the current one in place
+            task = self._building.get(key) or self._start_build(key, loader)
+            merge, methods = await asyncio.shield(task)
+            self._adopt(key, merge, methods)
+        self._pinned = (key, loader)
 
     def unpin(self, key: str) -> bool:
         """Release an admin pin; the policy decides at its next check. False if unpinned."""
-        return self._pinned.pop(key, None) is not None
+        if self._pinned is None or self._pinned[0] != key:
+            return False
+        self._pinned = None
+        return True
 
     # --- policy ---------------------------------------------------------------------------
     def evaluate(self) -> None:
-        """Decide which adapters are merged; start builds and drop cooled variants."""
+        """Choose the hot adapter; start its build, or drop a cooled one."""
         s = self.settings
         shares = self.shares()
         now = self.clock()
+        current = self._ready[0] if self._ready is not None else None
         candidates = [k for k, share in shares.items()
-                      if k not in self._pinned and k not in self._ineligible
-                      and (share >= s.hot_leave_share if k in self._active
+                      if k not in self._ineligible
+                      and (share >= s.hot_leave_share if k == current
                            else share >= s.hot_enter_share and self._total >= s.hot_min_tokens
                            and now - self._failed.get(k, -1e18) >= s.hot_window_s)]
-        candidates.sort(key=lambda k: (-shares[k], k not in self._active))
-        self._wanted = set(candidates[:s.hot_max_merged])
-        desired = self._wanted | set(self._pinned)
-        for key in [k for k in self._active if k not in desired]:
-            self._drop(key)
-        for key in desired:
-            loader = self._pinned.get(key) or self._loaders.get(key)
-            if key not in self._active and key not in self._building and loader is not None:
-                self._start_build(key, loader)
+        candidates.sort(key=lambda k: (-shares[k], k != current))
+        self._wanted = candidates[0] if candidates and s.hot_merge else None
+        desired = self._pinned[0] if self._pinned is not None else self._wanted
+        if current is not None and current != desired:
+            self._drop(current)
+        if desired is not None and desired != current and desired not in self._building:
+            loader = (self._pinned[1] if self._pinned is not None
+                      else self._loaders.get(desired))
+            if loader is not None:
+                self._start_build(desired, loader).add_done_callback(self._built)
 
     async def settle(self) -> None:
         """Wait for the builds in progress (tests, shutdown)."""
@@ -270,7 +227,8 @@ class HotTenants:
 
     def stats(self) -> HotStats:
         self._expire(self.clock())
-        return HotStats(merged=tuple(self._active), pinned=tuple(self._pinned),
+        return HotStats(merged=() if self._ready is None else (self._ready[0],),
+                        pinned=() if self._pinned is None else (self._pinned[0],),
                         building=tuple(self._building), window_tokens=self._total,
                         merged_window_tokens=self._merged,
                         merged_tokens_total=self._merged_total, builds=self.builds,
@@ -279,45 +237,54 @@ class HotTenants:
 
     # --- internals ------------------------------------------------------------------------
     def _drop(self, key: str) -> None:
-        del self._active[key]  # running rows keep their reference until they finish
-        self._methods.pop(key, None)
+        self._ready = None  # installed rows keep it until they finish (the scheduler)
         self.drops += 1
-        log.info("merged adapter dropped", extra={"adapter": key})
+        log.info("hot adapter dropped", extra={"adapter": key})
+        self.on_change()
 
     def _start_build(self, key: str, loader: AdapterLoader
-                     ) -> asyncio.Task[BaseException | None]:
+                     ) -> asyncio.Task[tuple[Merge, str]]:
         task = asyncio.create_task(self._build(key, loader), name=f"merge {key}")
         self._building[key] = task
+        task.add_done_callback(lambda _: self._building.pop(key, None))
         return task
 
-    async def _build(self, key: str, loader: AdapterLoader) -> BaseException | None:
+    def _built(self, task: asyncio.Task[tuple[Merge, str]]) -> None:
+        """A policy build ended: adopt it if it is still what the policy wants."""
+        if task.cancelled() or task.exception() is not None:
+            return  # counted and logged by _build; the adapter stays on the slot pool
+        key = task.get_name().removeprefix("merge ")
+        if self._pinned is None and self._wanted == key:
+            self._adopt(key, *task.result())
+
+    def _adopt(self, key: str, merge: Merge, methods: str) -> None:
+        if self._ready is not None and self._ready[0] == key:
+            return
+        self._ready = (key, merge, methods)
+        self._failed.pop(key, None)
+        self.builds += 1
+        log.info("adapter merged (hot)", extra={"adapter": key, "methods": methods})
+        self.on_change()
+
+    async def _build(self, key: str, loader: AdapterLoader) -> tuple[Merge, str]:
         start = time.perf_counter()
         try:
             adapter = await loader()
-            if not eligible(adapter):
-                self._ineligible[key] = None
-                while len(self._ineligible) > self.REMEMBERED:
-                    self._ineligible.popitem(last=False)
-                log.info("adapter not mergeable; served through the slot pool",
-                         extra={"adapter": key, "methods": list(adapter.methods)})
-                return NotMergeableError(f"adapter {key!r} ({'+'.join(adapter.methods)}) "
-                                         "has a part with no merged form")
             loop = asyncio.get_running_loop()
-            variant = await loop.run_in_executor(self.executor, build_variant, self.model,
-                                                 adapter)
+            merge = await loop.run_in_executor(self.executor, build_merge, self.pool, key,
+                                               adapter)
+        except NotMergeableError as exc:
+            self._ineligible[key] = None
+            while len(self._ineligible) > self.REMEMBERED:
+                self._ineligible.popitem(last=False)
+            log.info("adapter not mergeable; served through the slot pool",
+                     extra={"adapter": key, "error": str(exc)})
+            raise
         except Exception as exc:  # a failed build leaves the adapter on the slot pool
             self.build_failures += 1
             self._failed[key] = self.clock()
             log.warning("merged build failed", extra={"adapter": key, "error": repr(exc)})
-            return exc
-        finally:
-            self._building.pop(key, None)
-        if key in self._pinned or key in self._wanted:
-            self._active[key] = variant
-            self._methods[key] = "+".join(adapter.methods)
-            self._failed.pop(key, None)
-            self.builds += 1
-            log.info("adapter merged", extra={"adapter": key, "methods": list(adapter.methods),
-                                              "seconds": round(time.perf_counter() - start, 4)})
-            self.on_change()
-        return None
+            raise
+        log.info("hot merge built", extra={"adapter": key,
+                                           "seconds": round(time.perf_counter() - start, 4)})
+        return merge, "+".join(adapter.methods)

@@ -11,8 +11,9 @@ Every iteration of :meth:`Scheduler._run`:
    per row — then prefill chunks of joining rows (their first token comes out of it);
 4. deliver the step's events to the requests' handles; finished rows are unpinned.
 
-A waiting request of an adapter the hot-tenant policy serves merged (:mod:`tessera.engine.hot`)
-joins without a slot, on the merged variant ``variant_of(key)`` returns at admission.
+Hot tenants (:mod:`tessera.engine.hot`): between steps the scheduler installs the merge
+``hot_of()`` wants, once no row of the previous one is left; a waiting request of the
+installed adapter joins without a slot and runs on the merge, in the same forward.
 
 A request submitted during a step joins at the next one. The asyncio loop never runs
 a forward, so it stays responsive. KV cache layout and costs: :mod:`tessera.engine.kvcache`.
@@ -30,9 +31,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from torch import nn
-
 from tessera.engine.errors import AdapterLoadError, EngineStoppedError, QueueFullError, StepError
+from tessera.engine.hot import Merge
 from tessera.engine.requests import FinishReason, TokenEvent
 from tessera.engine.settings import EngineSettings
 from tessera.engine.slots import SlotManager
@@ -79,7 +79,7 @@ class SchedulerStats:
 class Scheduler:
     def __init__(self, settings: EngineSettings, stepper: Stepper, slots: SlotManager,
                  executor: ThreadPoolExecutor, *,
-                 variant_of: Callable[[str], nn.Module | None] = lambda key: None,
+                 hot_of: Callable[[], tuple[str, Merge] | None] = lambda: None,
                  observers: Sequence[Callable[[StepReport], None]] = ()) -> None:
         self.settings = settings
         self.stepper = stepper
@@ -88,7 +88,8 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._observers: list[Callable[[StepReport], None]] = list(observers)
         # the hot-tenant policy's merged model for an adapter key (None = the slot pool)
-        self.variant_of = variant_of
+        self.hot_of = hot_of
+        self._install: tuple[str | None, Merge | None] | None = None  # for the next step
         self.waiting: deque[Row] = deque()
         self.prefilling: list[Row] = []
         self._removed: set[Row] = set()
@@ -229,7 +230,25 @@ class Scheduler:
         budget = self.stepper.budget
         return sum(budget.blocks(s.prefilled) * budget.block for s in self.prefilling)
 
+    def _hot_target(self) -> str | None:
+        """The adapter whose rows run merged from the next step on: the merge ``hot_of``
+        wants, planned for installation once no hot row of the installed one is left
+        (they hold no slot), else the installed one."""
+        want = self.hot_of()
+        key = want[0] if want is not None else None
+        installed = self.stepper.hot_key
+        if key == installed:
+            self._install = None
+            return installed
+        rows = [*self.stepper.running, *self.prefilling, *self.waiting]
+        if any(s.hot and s not in self._removed for s in rows):
+            self._install = None
+            return installed
+        self._install = (key, None if want is None else want[1])
+        return key
+
     def _admit(self) -> None:
+        hot = self._hot_target()
         live = len(self.stepper.running) - len(self._removed & set(self.stepper.running))
         free = self.settings.max_batch_rows - live - len(self.prefilling)
         budget = self.stepper.budget
@@ -240,12 +259,11 @@ class Scheduler:
                 break
             if rows and not budget.fits(rows + 1, max(width, len(seq.pending))):
                 break  # the KV budget is full: in order, so nobody overtakes
-            variant = None if seq.key is None or seq.slot >= 0 else self.variant_of(seq.key)
-            if seq.slot >= 0:
-                pass  # preempted: it kept its slot (and its pin) while it waited
-            elif seq.key is None or variant is not None:
+            if seq.slot >= 0 or seq.hot:
+                pass  # preempted: it kept its slot (and pin) or its hot merge while it waited
+            elif seq.key is None or seq.key == hot:
                 seq.slot = -1
-                seq.variant = variant  # a merged row needs no slot
+                seq.hot = seq.key is not None  # a merged row needs no slot
             else:
                 slot = self.slots.acquire(seq.key)
                 if slot is None:
@@ -286,15 +304,16 @@ class Scheduler:
                 if s not in self._removed and s not in preempted]
         if not prefill and not live and not writes and not self._removed and not preempted:
             return None
+        install, self._install = self._install, None
         return StepPlan(writes=writes, prefill=prefill, dropped=set(self._removed),
-                        preempted=set(preempted))
+                        preempted=set(preempted), install=install)
 
     def _deliver(self, index: int, result: StepResult) -> None:
         for write, exc in result.failed_writes:
             self.slots.write_failed(write)
             error = AdapterLoadError(write.key, exc)
             for seq in [s for s in self.prefilling
-                        if s.key == write.key and s.variant is None]:
+                        if s.key == write.key and not s.hot]:
                 self.prefilling.remove(seq)
                 self._fail(seq, error, release=False)
             for seq in [s for s in self.waiting if s.key == write.key]:
@@ -320,7 +339,7 @@ class Scheduler:
                             adapters=tuple(result.adapters), decode_rows=result.decode_rows,
                             prefill_tokens=result.prefill_tokens,
                             merged=tuple(result.merged),
-                            generated=tuple((s.key, s.variant is not None)
+                            generated=tuple((s.key, s.hot)
                                             for s, e in result.events
                                             if e.token_id is not None),
                             queued=tuple(self._queued))

@@ -81,9 +81,10 @@ class EngineSettings(BaseSettings):
     retry_after_max_s: int = Field(60, ge=1)
 
     # --- hot tenants (tessera.engine.hot) ---------------------------------------------------------
-    hot_max_merged: int = Field(
-        2, ge=0, description="adapters served from merged weights at once by the automatic "
-                             "policy (admin pins come on top); 0 = policy off")
+    hot_merge: bool = Field(
+        True, description="run steps on W0 + the delta of the adapter that dominates the "
+                          "traffic (a low-rank one: LoRA, HRA), the others corrected in the "
+                          "same forward; false = admin pins only")
     hot_window_s: float = Field(30.0, gt=0, description="window of recent generated tokens "
                                                         "the shares are taken over")
     hot_enter_share: float = Field(0.5, gt=0, le=1, description="share of the window's "

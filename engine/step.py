@@ -2,10 +2,10 @@
 (every adapter and method in one forward, slot ids per row), chunked prefill of newly
 admitted rows, sampling and detokenization.
 
-Rows of a hot adapter admitted while it is merged (:mod:`tessera.engine.hot`) carry their merged
-model in ``Row.variant``: they form one more forward group per variant, with its own KV
-cache, run beside the main (slot-pool) group each step. A row stays in its group until it
-finishes.
+Rows of the hot adapter admitted while its merge is installed (:mod:`tessera.engine.hot`)
+have ``Row.hot`` set: they hold no slot and run on the merged weights, in the same forward
+and the same KV cache as every other row (the others get the hot delta taken back). The
+step installs the merge the scheduler planned before any forward.
 
 The event loop never touches the state below while a step runs; the step never touches
 the scheduler's queues. Each step returns the events to deliver.
@@ -15,23 +15,23 @@ detokenization or logits (NaN from its adapter) fail is dropped from the batch a
 in ``StepResult.failed`` with a :class:`~tessera.engine.errors.RowError`; a prefill forward runs one
 request, so its failure is that request's; a decode forward that fails is retried once
 (its cache is untouched), then fails the rows of that forward group only
-(:class:`~tessera.engine.errors.StepError`), and the other groups go on.
+(:class:`~tessera.engine.errors.StepError`).
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import DynamicCache
 
 from tessera.adapters import SlotPool
 from tessera.engine.detok import TextStream
 from tessera.engine.errors import RowError, StepError
+from tessera.engine.hot import Merge
 from tessera.engine.kvcache import KV, BatchCache, KVBudget, cache_tensors
 from tessera.engine.model import LoadedModel
 from tessera.engine.requests import FinishReason, RequestHandle, TokenEvent
@@ -62,7 +62,7 @@ class Row:
     finish: FinishReason | None = None
     submitted_at: float = 0.0
     ended: bool = False  # its final event or error was handed out, its pin released
-    variant: nn.Module | None = None  # merged model of a hot adapter (no slot); None = pool
+    hot: bool = False  # runs on the installed hot merge (holds no slot)
     generated: list[int] = field(default_factory=list)  # tokens emitted so far
     resume: list[int] | None = None  # preempted: the tokens to recompute before decoding on
     order: int = 0  # admission order (the newest row is preempted first)
@@ -91,6 +91,7 @@ class StepPlan:
     prefill: list[tuple[Row, int]]  # (sequence, prompt tokens to prefill now)
     dropped: set[Row]  # rows to remove from the batch before the forward
     preempted: set[Row] = field(default_factory=set)  # rows leaving to be recomputed later
+    install: tuple[str | None, Merge | None] | None = None  # (key, merge) to install first
 
 
 @dataclass
@@ -104,15 +105,13 @@ class StepResult:
     prefill_tokens: int = 0
     request_ids: list[str] = field(default_factory=list)  # per forward row
     adapters: list[str | None] = field(default_factory=list)  # per forward row
-    merged: list[bool] = field(default_factory=list)  # per forward row: ran on a variant
+    merged: list[bool] = field(default_factory=list)  # per forward row: ran on the hot merge
 
 
 @dataclass(eq=False)
 class Group:
-    """Rows run by one model in one forward: the slot-pool base, or a merged variant."""
+    """The running rows and their batch KV cache."""
 
-    model: nn.Module
-    pooled: bool  # the base with the slot pool: rows route by slot id
     cache: BatchCache
     rows: list[Row] = field(default_factory=list)  # row i of ``cache``
 
@@ -131,40 +130,19 @@ class Stepper:
         self.pool = pool
         self.budget = budget
         self.model = base.model
-        self.main = self._new_group(self.model, pooled=True)
-        self.merged: dict[int, Group] = {}  # id(variant) -> its group
-
-    def _new_group(self, model: nn.Module, *, pooled: bool) -> Group:
-        return Group(model, pooled=pooled, cache=BatchCache(limit=self.budget.tokens))
+        self.main = Group(BatchCache(limit=budget.tokens))
+        self.hot_key: str | None = None  # adapter of the hot merge installed in the pool
 
     @property
     def running(self) -> list[Row]:
-        """Every running row: the main group's, then each merged group's."""
-        rows = list(self.main.rows)
-        for group in self.merged.values():
-            rows.extend(group.rows)
-        return rows
+        return list(self.main.rows)
 
-    @property
-    def groups(self) -> list[Group]:
-        return [self.main, *self.merged.values()]
-
-    def _group(self, seq: Row) -> Group:
-        if seq.variant is None:
-            return self.main
-        group = self.merged.get(id(seq.variant))
-        if group is None:
-            group = self.merged[id(seq.variant)] = self._new_group(seq.variant, pooled=False)
-        return group
-
-    def _route(self, pooled: bool, slots: list[int], tokens: int = 1
-               ) -> AbstractContextManager[Any]:
-        """The slot-pool routing of the base's rows, ``tokens`` per row (given per token,
-        so the pool routes before the forward); a merged variant has no pool layers."""
-        if not pooled:
-            return nullcontext()
-        ids = torch.tensor(slots).unsqueeze(1).expand(-1, tokens)  # [B, T]
-        return self.pool.use(ids)
+    def _route(self, rows: list[Row], tokens: int = 1) -> AbstractContextManager[Any]:
+        """The slot-pool routing of ``rows``, ``tokens`` per row (given per token, so the
+        pool routes before the forward); hot rows run on the installed merge."""
+        ids = torch.tensor([s.slot for s in rows]).unsqueeze(1).expand(-1, tokens)  # [B, T]
+        hot = [s.hot for s in rows for _ in range(tokens)] if self.hot_key else None
+        return self.pool.use(ids, hot=hot)
 
     def step(self, plan: StepPlan) -> StepResult:
         with torch.no_grad():
@@ -174,6 +152,10 @@ class Stepper:
         result = StepResult()
         if plan.dropped or plan.preempted:
             self._keep(plan.dropped | plan.preempted)
+        if plan.install is not None:  # no hot row of the previous merge is left
+            key, merge = plan.install
+            self.pool.install_hot(merge)
+            self.hot_key = key
         failed_keys: set[str] = set()
         for write in plan.writes:
             try:
@@ -183,9 +165,8 @@ class Stepper:
                                                         "slot": write.slot, "error": repr(exc)})
                 result.failed_writes.append((write, exc))
                 failed_keys.add(write.key)
-        for group in self.groups:
-            if group.rows:
-                self._decode_group(group, result)
+        if self.main.rows:
+            self._decode_group(self.main, result)
         prefill = [(seq, count) for seq, count in plan.prefill
                    if seq.key is None or seq.key not in failed_keys]
         for seq, count in self._prefill_together(prefill, result):
@@ -202,14 +183,13 @@ class Stepper:
         return result
 
     def clear(self) -> None:
-        self.main = self._new_group(self.model, pooled=True)
-        self.merged = {}
+        self.main = Group(BatchCache(limit=self.budget.tokens))
 
     # --- KV budget (read and decided on the loop while no step runs) --------------------
     def kv_in_use(self) -> int:
         """Token positions the running rows hold (every group), rounded up to blocks."""
-        return sum(len(g.rows) * self.budget.blocks(g.cache.width) * self.budget.block
-                   for g in self.groups)
+        g = self.main
+        return len(g.rows) * self.budget.blocks(g.cache.width) * self.budget.block
 
     def width(self) -> int:
         """The longest running row of the slot-pool group."""
@@ -220,8 +200,7 @@ class Stepper:
         the KV budget beside ``held`` positions held elsewhere (rows still prefilling; rows
         in ``gone`` leave anyway). One row always fits: the context limit is within the
         budget."""
-        others = held + sum(self.budget.area(len(g.rows), g.cache.width)
-                            for g in self.merged.values())
+        others = held
         lengths = dict(zip(map(id, self.main.rows), self.main.cache.lengths, strict=True))
         rows = sorted((s for s in self.main.rows if s not in gone), key=lambda s: s.order)
         chosen: list[Row] = []
@@ -245,8 +224,7 @@ class Stepper:
             try:
                 logits = self._decode_forward(group)
             except Exception as exc:
-                log.exception("decode forward failed twice", extra={
-                    "rows": len(group.rows), "merged": not group.pooled})
+                log.exception("decode forward failed twice", extra={"rows": len(group.rows)})
                 error = StepError(f"forward step failed: {exc!r}")
                 result.failed.extend((seq, error) for seq in group.rows)
                 return
@@ -257,15 +235,15 @@ class Stepper:
         result.decode_rows += len(rows)
         result.request_ids.extend(s.request_id for s in rows)
         result.adapters.extend(s.key for s in rows)
-        result.merged.extend([not group.pooled] * len(rows))
+        result.merged.extend(s.hot for s in rows)
 
     def _decode_forward(self, group: Group) -> torch.Tensor:
         rows = group.rows
         ids = torch.tensor([[s.last_token] for s in rows], dtype=torch.long,
                            device=self.base.device)  # [B, 1]
         cache, attention, positions = group.cache.step_inputs()
-        with self._route(group.pooled, [s.slot for s in rows]):  # slot per row [B]
-            out = group.model(input_ids=ids, attention_mask=attention,
+        with self._route(rows):  # slot per row [B]
+            out = self.model(input_ids=ids, attention_mask=attention,
                               position_ids=positions, cache=cache, use_cache=True)
         group.cache.advance()
         return out.logits[:, -1, :]  # type: ignore[no-any-return]  # [B, V]
@@ -273,11 +251,11 @@ class Stepper:
     def _prefill_together(self, prefill: list[tuple[Row, int]], result: StepResult
                           ) -> list[tuple[Row, int]]:
         """Prefill in ONE forward every joining row whose whole prompt runs this step (the
-        slot pool's rows; a merged variant's run alone); returns the rest, for one forward
+        slot pool's rows, hot or not); returns the rest, for one forward
         each. If that forward fails, its rows go back to the rest: each then fails alone,
         or not at all."""
         whole = [seq for seq, count in prefill
-                 if seq.variant is None and seq.prefilled == 0 and count == len(seq.pending)]
+                 if seq.prefilled == 0 and count == len(seq.pending)]
         if len(whole) < 2:
             return prefill
         try:
@@ -295,7 +273,7 @@ class Stepper:
             result.prefill_tokens += length
             result.request_ids.append(seq.request_id)
             result.adapters.append(seq.key)
-            result.merged.append(False)
+            result.merged.append(seq.hot)
             if picked is None or seq.resume is not None or (
                     self._take(seq, picked, sampled.index(b), result, "prefill")
                     and seq.finish is None):
@@ -321,7 +299,7 @@ class Stepper:
             ~attend, torch.finfo(dtype).min).unsqueeze(1)  # [B, 1, W, W] additive
         last = sorted({n - 1 for n in lengths})  # positions whose logits are needed
         cache = DynamicCache()
-        with self._route(True, [s.slot for s in rows], width):  # slot per token [B, W]
+        with self._route(rows, width):  # slot per token [B, W]
             out = self.model(input_ids=ids, attention_mask=mask,
                              position_ids=span.unsqueeze(0).expand(len(rows), width),
                              cache=cache, use_cache=True,
@@ -338,15 +316,14 @@ class Stepper:
         ids = torch.tensor([chunk], dtype=torch.long, device=self.base.device)  # [1, T]
         positions = torch.arange(start, start + len(chunk),
                                  device=self.base.device).unsqueeze(0)  # [1, T]
-        model = self.model if seq.variant is None else seq.variant
-        with self._route(seq.variant is None, [seq.slot], len(chunk)):  # [1, T]
-            out = model(input_ids=ids, position_ids=positions, cache=seq.cache,
+        with self._route([seq], len(chunk)):  # [1, T]
+            out = self.model(input_ids=ids, position_ids=positions, cache=seq.cache,
                         use_cache=True, logits_to_keep=1)
         seq.prefilled += len(chunk)
         result.prefill_tokens += len(chunk)
         result.request_ids.append(seq.request_id)
         result.adapters.append(seq.key)
-        result.merged.append(seq.variant is not None)
+        result.merged.append(seq.hot)
         if seq.prefilled < len(seq.pending):
             return
         if seq.resume is not None or (  # a recomputed row samples nothing
@@ -358,7 +335,7 @@ class Stepper:
     def _join(self, seq: Row, kv: list[KV], length: int, result: StepResult) -> None:
         """A prefilled row joins its group's batch cache (``kv``: ``[1, H, >= length, D]``
         per layer); a recomputed row goes on decoding from its last token."""
-        group = self._group(seq)
+        group = self.main
         group.cache.add(kv, length)
         group.rows.append(seq)
         seq.resume = None
@@ -398,14 +375,9 @@ class Stepper:
             logprob=logprob, top_logprobs=top)))
 
     def _keep(self, gone: set[Row]) -> None:
-        """Remove ``gone`` rows from their groups; a merged group left empty is released
-        (with it the last reference to a dropped variant)."""
-        for group in self.groups:
-            if any(s in gone for s in group.rows):
-                group.keep([s for s in group.rows if s not in gone])
-        for key, group in list(self.merged.items()):
-            if not group.rows:
-                del self.merged[key]
+        """Remove ``gone`` rows from the batch."""
+        if any(s in gone for s in self.main.rows):
+            self.main.keep([s for s in self.main.rows if s not in gone])
 
 
 def _row_error(exc: Exception, stage: str) -> RowError:

@@ -65,7 +65,7 @@ async def test_every_architecture_matches_a_plain_greedy_loop(
         return ids
 
     engine = Engine(HermeticSettings(model=str(tmp_path), device="cpu", dtype="float32",
-                                     num_slots=2, max_rank=8, hot_max_merged=0))
+                                     num_slots=2, max_rank=8, hot_merge=False))
     await engine.start()
     try:
         async def load() -> Adapter:

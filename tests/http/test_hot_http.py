@@ -27,7 +27,7 @@ async def test_admin_pin_serves_merged_rows_with_reference_tokens(
     assert (await api.client.post(path, headers=headers)).status_code == 403  # not admin
     r = await api.client.post(path, headers=admin())
     assert r.status_code == 200, r.text
-    assert r.json()["merged"] is True
+    assert r.json()["merged"] is True, r.json()
     r = await api.client.post(f"/v1/admin/tenants/{tenant}/tasks/hot-bottleneck/pin",
                               headers=admin())
     assert r.status_code == 422, r.text  # bottleneck has no merged form
