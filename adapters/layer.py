@@ -59,7 +59,7 @@ class AdapterLayer(nn.Module):
         if hot is not None and not routing.all_hot and routing.hot is not None:
             # the other tokens get W0 x_in back: W_hot x - up (down x), before their banks
             low = (x_in @ hot.down.t()).masked_fill(routing.hot.unsqueeze(1), 0)  # [N, r]
-            y = y - low @ hot.up.t()  # [N, out]
+            y = torch.addmm(y, low, hot.up.t(), alpha=-1.0)  # [N, out]
         for bank in banks:
             if bank.stage in ("delta", "scale"):
                 y = bank.apply(y, x_in, weight, routing)

@@ -1,7 +1,7 @@
-"""End-to-end engine throughput beside transformers ``generate``, same model, same run.
+"""End-to-end engine throughput beside its peers, same model, same workload, same run.
 
-    python -m bench.engine_throughput            # ~150M Llama-shaped, 32 x (128 + 128)
-    python -m bench.engine_throughput --reps 3   # median of 3 (systems interleaved)
+    python -m bench.engine_throughput                 # ~170M Llama-shaped, 32 x (128 + 128)
+    python -m bench.engine_throughput --reps 3 --hot  # median of 3, hot-tenant rows too
 
 Model: Llama-shaped, random weights (seeded), hidden 1024, 8 layers, 16 heads, vocab
 32000, fp32 (~170M parameters: big enough that GEMMs, not Python, dominate on a CPU).
@@ -10,9 +10,15 @@ tokens each (``ignore_eos``), all submitted at once. Systems:
 
 - ``tessera base``: the engine, no adapter;
 - ``tessera N LoRA``: N distinct rank-16 LoRA adapters on every projection, requests
-  spread round-robin (all resident: ``num_slots`` >= N);
+  spread round-robin (all resident: ``num_slots`` >= N), for each N of ``--adapters``;
+- ``--hot``: one adapter carries 75% of the requests, the rest spread over the others
+  (the first ``--adapters`` count): pinned hot (merged into the step's weights, the others
+  corrected in the same forward) and not;
 - ``transformers generate``: one batch of all requests (same length: no padding),
-  ``min_new_tokens == max_new_tokens``, a DynamicCache.
+  ``min_new_tokens == max_new_tokens``, a DynamicCache;
+- ``transformers generate_batch``: its continuous batching (SDPA), same tokens;
+- ``PEFT adapter_names``: the first N LoRA adapters in PEFT, one padded ``generate`` with
+  one adapter name per row (PEFT's mixed-adapter batch).
 
 Output tokens/s is ``requests x new / wall time`` (submission to the last token); TTFT p50
 is the engine's median time to each request's first token. Prints a table and writes JSON
@@ -36,6 +42,7 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from bench import peers, plot
 from tessera.adapters import Adapter, Component
 from tessera.adapters.methods.lora import LoraConfig
 from tessera.engine import AdapterSpec, Engine, GenerationRequest, SamplingParams
@@ -82,10 +89,24 @@ def spec(i: int, adapter: Adapter) -> AdapterSpec:
     return AdapterSpec(f"bench-{i}", load)
 
 
-async def run_engine(engine: Engine, args: argparse.Namespace, adapters: list[Adapter]
-                     ) -> dict[str, float]:
+def round_robin(i: int, n: int) -> int:
+    return i % n
+
+
+def hot_share(i: int, n: int) -> int:
+    """Adapter 0 for three requests in four, the others in turn for the fourth."""
+    return 0 if i % 4 != 3 or n == 1 else 1 + (i // 4) % (n - 1)
+
+
+async def run_engine(engine: Engine, args: argparse.Namespace, adapters: list[Adapter],
+                     pick: Callable[[int, int], int] = round_robin, *,
+                     hot: bool = False) -> dict[str, float]:
     params = SamplingParams(temperature=0.0, max_tokens=args.new, ignore_eos=True)
     specs = [spec(i, a) for i, a in enumerate(adapters)]
+    if hot:
+        await engine.pin(specs[0])
+    elif specs and engine.unpin(specs[0].key):
+        engine.hot.evaluate()  # the policy is off in the bench: unpinned = not merged
     # warm up (first forwards, allocations) and fill the slots: the bench measures
     # serving, not first loads
     await asyncio.gather(*(engine.submit(GenerationRequest(
@@ -93,7 +114,7 @@ async def run_engine(engine: Engine, args: argparse.Namespace, adapters: list[Ad
         .result() for s in [None, *specs]))
     start = time.perf_counter()
     handles = [engine.submit(GenerationRequest(
-        prompt=p, adapter=specs[i % len(specs)] if specs else None, sampling=params))
+        prompt=p, adapter=specs[pick(i, len(specs))] if specs else None, sampling=params))
         for i, p in enumerate(prompts(args))]
     firsts: list[float] = []
 
@@ -108,38 +129,45 @@ async def run_engine(engine: Engine, args: argparse.Namespace, adapters: list[Ad
     counts = await asyncio.gather(*(consume(h) for h in handles))
     wall = time.perf_counter() - start
     assert all(c == args.new for c in counts), counts
+    merged = engine.stats().hot
     return {"tok_s": sum(counts) / wall, "ttft_p50_s": statistics.median(firsts),
-            "wall_s": wall}
-
-
-def run_generate(model: LlamaForCausalLM, args: argparse.Namespace) -> dict[str, float]:
-    ids = torch.tensor(prompts(args))  # [R, P]: equal lengths, no padding
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=args.new, min_new_tokens=args.new,
-                             do_sample=False, pad_token_id=0)
-    wall = time.perf_counter() - start
-    return {"tok_s": (out.shape[1] - ids.shape[1]) * ids.shape[0] / wall, "wall_s": wall}
+            "wall_s": wall, "hot": float(bool(merged and merged.merged))}
 
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(args, Path(tmp))
+        most = max(args.adapters)
         settings = HermeticSettings(
-            model=tmp, device="cpu", dtype="float32", num_slots=max(args.adapters, 1),
+            model=tmp, device="cpu", dtype="float32", num_slots=max(most, 1),
             max_rank=16, max_batch_rows=args.requests, max_queue=4 * args.requests,
             context_limit=args.prompt + args.new + 8, hot_merge=False,
             methods=["lora"], max_tokens_limit=args.new, default_max_tokens=args.new)
         engine = Engine(settings)
         await engine.start()
-        adapters = loras(model, args.adapters, 16)
+        adapters = loras(model, most, 16)
+        first = args.adapters[0]
+        work = prompts(args)
         systems: dict[str, Callable[[], Awaitable[dict[str, float]]]] = {
-            "tessera base": lambda: run_engine(engine, args, []),
-            f"tessera {args.adapters} LoRA r16": lambda: run_engine(engine, args, adapters),
-            "transformers generate": lambda: asyncio.to_thread(run_generate, model, args),
-        }
+            "tessera base": lambda: run_engine(engine, args, [])}
+        for n in args.adapters:
+            systems[f"tessera {n} LoRA r16"] = (
+                lambda n=n: run_engine(engine, args, adapters[:n]))  # type: ignore[misc]
+        if args.hot:
+            systems[f"tessera {first} LoRA, one 75%, merged"] = lambda: run_engine(
+                engine, args, adapters[:first], hot_share, hot=True)
+            systems[f"tessera {first} LoRA, one 75%, slots"] = lambda: run_engine(
+                engine, args, adapters[:first], hot_share)
+        systems["transformers generate"] = lambda: asyncio.to_thread(
+            peers.generate, model, work, args.new)
+        if args.peers:
+            systems["transformers generate_batch"] = lambda: asyncio.to_thread(
+                peers.generate_batch, model, work, args.new)
+            peft = peers.peft_model(Path(tmp), adapters[:first], ALL_LINEAR, 16, 32.0)
+            names = [f"a{round_robin(i, first)}" for i in range(args.requests)]
+            systems[f"PEFT adapter_names {first} LoRA"] = lambda: asyncio.to_thread(
+                peers.generate, peft, work, args.new, names)
         results: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
         try:
             for _ in range(args.reps):  # interleaved: drift hits every system alike
@@ -163,28 +191,37 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--adapters", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--hot", action="store_true", help="add the hot-tenant rows")
+    parser.add_argument("--no-peers", dest="peers", action="store_false",
+                        help="skip generate_batch and PEFT (generate always runs)")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--out", default="bench/results/engine_throughput.json")
+    parser.add_argument("--plot", default="docs/img/engine_throughput.png",
+                        help="PNG of the table ('' = none; needs matplotlib)")
     args = parser.parse_args()
     rows = asyncio.run(main_async(args))
     base = rows[0]["tok_s"]
-    generate = rows[-1]["tok_s"]
+    generate = next(r["tok_s"] for r in rows if r["system"] == "transformers generate")
     print(f"\n{args.requests} requests x ({args.prompt} prompt + {args.new} new), Llama "
           f"hidden {args.hidden} x {args.layers}, vocab {args.vocab}, fp32, "
           f"{args.threads} threads, {platform.processor() or platform.machine()}, "
           f"median of {args.reps}")
-    print(f"{'system':<28}{'tok/s':>9}{'vs base':>9}{'vs generate':>13}{'TTFT p50':>10}")
+    print(f"{'system':<36}{'tok/s':>9}{'vs base':>9}{'vs generate':>13}{'TTFT p50':>10}")
     for row in rows:
         ttft = f"{row['ttft_p50_s']:.2f} s" if "ttft_p50_s" in row else "-"
-        print(f"{row['system']:<28}{row['tok_s']:>9.1f}{row['tok_s'] / base:>9.2f}"
+        print(f"{row['system']:<36}{row['tok_s']:>9.1f}{row['tok_s'] / base:>9.2f}"
               f"{row['tok_s'] / generate:>13.2f}{ttft:>10}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.plot:
+        plot.bars(Path(args.plot), f"{args.requests} x ({args.prompt} + {args.new}) tokens, "
+                  f"Llama {args.hidden} x {args.layers}, fp32, {args.threads} CPU threads",
+                  [r["system"] for r in rows], [r["tok_s"] for r in rows], "output tokens/s")
     out.write_text(json.dumps({"args": vars(args), "machine": platform.platform(),
                                "torch": torch.__version__,
                                "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))

@@ -1,0 +1,74 @@
+"""The systems tessera is compared with, on the same model and workload, in the same run:
+transformers ``generate`` (one padded batch), transformers continuous batching
+(``generate_batch``, its paged/SDPA path) and PEFT's mixed-adapter batch
+(``adapter_names``). Each returns output tokens/s over its own wall time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import GenerationConfig, LlamaForCausalLM
+
+from tessera.adapters import Adapter
+
+
+def _timed(run: Callable[[], int], tokens: int) -> dict[str, float]:
+    start = time.perf_counter()
+    with torch.no_grad():
+        produced = run()
+    wall = time.perf_counter() - start
+    assert produced == tokens, (produced, tokens)
+    return {"tok_s": produced / wall, "wall_s": wall}
+
+
+def generate(model: LlamaForCausalLM, prompts: list[list[int]], new: int,
+             adapter_names: list[str] | None = None) -> dict[str, float]:
+    """``model.generate`` on one batch of equal-length prompts (no padding), exactly
+    ``new`` tokens each; with ``adapter_names`` (a PEFT model) one adapter per row."""
+    ids = torch.tensor(prompts)  # [R, P]
+    extra = {} if adapter_names is None else {"adapter_names": adapter_names}
+
+    def run() -> int:
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             pad_token_id=0, **extra)
+        return int((out.shape[1] - ids.shape[1]) * ids.shape[0])
+
+    return _timed(run, new * len(prompts))
+
+
+def generate_batch(model: LlamaForCausalLM, prompts: list[list[int]], new: int
+                   ) -> dict[str, float]:
+    """transformers' continuous batching (``generate_batch``), greedy, ``new`` tokens."""
+    config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+
+    def run() -> int:
+        out = model.generate_batch(inputs=prompts, generation_config=config,
+                                   progress_bar=False, warmup=False)
+        return sum(len(o.generated_tokens) for o in out.values())
+
+    return _timed(run, new * len(prompts))
+
+
+def peft_model(path: Path, adapters: list[Adapter], targets: list[str], rank: int,
+               alpha: float) -> PeftModel:
+    """A fresh copy of the base (from ``path``) with every LoRA adapter loaded into PEFT
+    under the names ``a0``, ``a1``, ... (tessera's factors copied into PEFT's layers)."""
+    base = LlamaForCausalLM.from_pretrained(path).eval()
+    config = PeftLoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
+    model = get_peft_model(base, config, adapter_name="a0")
+    for i in range(1, len(adapters)):
+        model.add_adapter(f"a{i}", config)
+    with torch.no_grad():
+        for i, adapter in enumerate(adapters):
+            for path_, tensors in adapter.components[0].modules.items():
+                layer = model.base_model.model.get_submodule(path_)
+                layer.lora_A[f"a{i}"].weight.copy_(tensors["lora_A"])
+                layer.lora_B[f"a{i}"].weight.copy_(tensors["lora_B"])
+    return model.eval()
