@@ -17,6 +17,12 @@ bank's gather-mode forms timed one module at a time on the same shape (the numbe
 
     python -m bench.decode_step --sweep        # issue 8's table
     python -m bench.decode_step --forms --reps 10
+
+``--long-row``: the engine's KV slab (``tessera.engine.kvcache.BatchCache``) decode step of
+``--batch`` rows of ``--prompt`` tokens vs the same with one row of ``--long`` tokens
+(31 short rows beside one 1,024-token row by default), base model, timed alternately.
+
+    python -m bench.decode_step --long-row --batch 32 --prompt 170
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from tessera.adapters.banks.lowrank import LowRankBank, choose_form
 from tessera.adapters.methods.lora import LoraConfig
 from tessera.adapters.peft_io import load_peft_dir
 from tessera.adapters.plan import Routing
+from tessera.engine.kvcache import BatchCache, cache_tensors
 from tests.factories import FACTORIES
 from tests.factories.lora import lora_modules
 
@@ -180,6 +187,39 @@ def forms(args: argparse.Namespace, counts: list[int]) -> list[dict[str, object]
     return rows
 
 
+class SlabStep:
+    """The engine's batch KV slab holding rows of ``lengths`` tokens (random prefilled
+    keys/values); ``run()`` is one decode step that leaves the slab as it was."""
+
+    def __init__(self, model: torch.nn.Module, lengths: list[int]) -> None:
+        gen = torch.Generator().manual_seed(2)
+        self.model = model
+        self.cache = BatchCache()
+        with torch.no_grad():
+            for n in lengths:  # one prefill each: real keys/values at real positions
+                kv = DynamicCache()
+                model(input_ids=torch.randint(0, 4096, (1, n), generator=gen), cache=kv,
+                      use_cache=True, logits_to_keep=1)
+                self.cache.add(cache_tensors(kv), n)
+        self.next_ids = torch.randint(0, 4096, (len(lengths), 1), generator=gen)  # [B, 1]
+
+    @torch.no_grad()
+    def run(self) -> None:
+        cache, mask, positions = self.cache.step_inputs()  # lengths unchanged: same step
+        self.model(input_ids=self.next_ids, attention_mask=mask, position_ids=positions,
+                   cache=cache, use_cache=True)
+
+
+def long_row(args: argparse.Namespace) -> list[dict[str, object]]:
+    model = build_model(args)
+    short = SlabStep(model, [args.prompt] * args.batch)
+    mixed = SlabStep(model, [args.prompt] * (args.batch - 1) + [args.long])
+    ms = paired_ms({"short": short.run, "long": mixed.run}, args.reps)
+    return [{"rows": args.batch, "short": args.prompt, "long": args.long,
+             "short_ms": ms["short"], "long_ms": ms["long"],
+             "ratio": ms["long"] / ms["short"]}]
+
+
 def header(args: argparse.Namespace) -> str:
     return (f"decode step, batch {args.batch}, prompt {args.prompt}, Llama-shaped "
             f"hidden {args.hidden} x {args.layers} layers, fp32, {args.threads} threads, "
@@ -225,14 +265,26 @@ def main() -> None:
                         help="time the low-rank bank's gather-mode forms per module")
     parser.add_argument("--out", default=None,
                         help="JSON path (default bench/results/decode_step[_sweep|_forms].json)")
+    parser.add_argument("--long-row", action="store_true",
+                        help="the KV slab's decode step with one long row beside short ones")
+    parser.add_argument("--long", type=int, default=1024, help="the long row (--long-row)")
     args = parser.parse_args()
-    issue8 = args.sweep or args.forms
+    issue8 = args.sweep or args.forms or args.long_row
     args.hidden = args.hidden or (1024 if issue8 else 512)
     args.batch = args.batch or (64 if issue8 else 32)
     args.counts = args.counts or ("1,4,16,64" if issue8 else "1,8,32")
     torch.set_num_threads(args.threads)
     counts = [int(c) for c in args.counts.split(",")]
     methods = args.methods.split(",")
+    if args.long_row:
+        rows = long_row(args)
+        print(header(args))
+        for row in rows:
+            print(f"{args.batch} rows of {args.prompt}: {row['short_ms']:.1f} ms; "
+                  f"{args.batch - 1} of them beside one of {args.long}: {row['long_ms']:.1f} ms"
+                  f" ({row['ratio']:.2f}x)")
+        write_json(args, "bench/results/decode_step_long_row.json", rows)
+        return
     if args.sweep:
         rows = sweep(args, counts)
         print(header(args))
