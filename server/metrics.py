@@ -331,7 +331,7 @@ def _engine_families(s: EngineStats) -> Iterator[Metric]:
 def _router_families(s: EngineStats, model_of: Callable[[str], str | None]
                      ) -> Iterator[Metric]:
     """vLLM's router-facing series under tessera's prefix (the endpoint picker's flags
-    name them; docs/deploy.md)."""
+    name them; docs/serving.md, "For a LoRA-aware router")."""
     yield _gauge("tessera:num_requests_waiting", "Requests waiting to join the batch",
                  s.queue_depth)
     yield _gauge("tessera:num_requests_running", "Requests in the batch (decoding or "
