@@ -188,7 +188,9 @@ class Engine:
         handle = RequestHandle(request.request_id, len(prompt), scheduler.wake)
         adapter = request.adapter
         seq = Row(request_id=request.request_id, handle=handle, prompt=prompt,
-                       max_tokens=max_tokens, sampler=Sampler(params),
+                       max_tokens=max_tokens,
+                       sampler=Sampler(params, prompt, base.eos_token_ids,
+                                       int(base.model.config.vocab_size)),
                        stream=TextStream(base.decode, params.stop, prompt),
                        key=adapter.key if adapter else None,
                        loader=adapter.loader if adapter else None,

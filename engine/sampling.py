@@ -1,45 +1,72 @@
 """Sampling, batched on the device: greedy, or temperature / top-k / top-p with a
-per-request seeded ``torch.Generator`` (reproducible whatever else shares the batch), and
-each chosen token's log-probability (plus the top-n alternatives where asked) out of the
-same step.
+per-request seeded ``torch.Generator`` (reproducible whatever else shares the batch), the
+logit adjustments of OpenAI and vLLM (``min_tokens``, ``logit_bias``, repetition, frequency
+and presence penalties), and each chosen token's log-probability (plus the top-n
+alternatives where asked) out of the same step.
 
 :func:`pick_batch` takes the step's logits ``[B, V]`` and the rows' samplers and does
-everything with batched tensor ops: one sort for the rows that sample (none when every row
-is greedy), per-row temperature / top-k / top-p as ``[S]`` tensors, inverse-CDF sampling
-with one uniform number per sampled row drawn from that row's own CPU generator, and ONE
-host transfer per step for tokens, log-probabilities and the non-finite flags.
-:func:`pick_reference` is the plain per-row version beside it (tests assert they agree).
+everything with batched tensor ops: the adjustments as per-row tensors (sparse
+``(row, token)`` writes for ``min_tokens`` and ``logit_bias``; the penalised rows' token
+counts ``[P, V]``, kept on the device by their samplers, for the penalties), one sort for
+the rows that sample (none when every row is greedy), per-row temperature / top-k / top-p
+as ``[S]`` tensors, inverse-CDF sampling with one uniform number per sampled row drawn from
+that row's own CPU generator, and ONE host transfer per step for tokens,
+log-probabilities and the failure flags. :func:`pick_reference` is the plain per-row
+version beside it, one token at a time (tests assert they agree).
+
+The adjustments run in vLLM's order, on the raw logits, before the temperature:
+``min_tokens`` (the row's stop token ids -- the model's EOS ids unless ``ignore_eos`` --
+are ``-inf`` while fewer tokens than that were generated), ``logit_bias`` (added), then the
+repetition penalty (vLLM / HF: a logit of a token seen in the prompt or the output is
+divided by it when positive, multiplied by it otherwise), the frequency penalty (times the
+token's count in the output) and the presence penalty (once if it occurs in the output),
+both subtracted as OpenAI defines them. Greedy rows take the argmax of the adjusted logits.
 
 Numerically safe for every value :class:`SamplingParams` admits: a temperature below
-:data:`GREEDY_BELOW` is greedy (vLLM's ``_SAMPLING_EPS`` rule), logits are shifted by their
-maximum before the temperature divides them (so nothing overflows to ``inf``), and top-p
-always keeps the most likely token (a ``top_p`` that rounds to 0 in float32 keeps exactly
-that one). Logits that are themselves NaN or ``+inf`` (a broken adapter, an overflowing
-model) mark the row: it fails with :class:`NonFiniteLogitsError`, no other row does.
-Log-probabilities are those of the model's own distribution (log-softmax of the raw
-logits), as vLLM and OpenAI report them."""
+:data:`GREEDY_BELOW` is greedy (vLLM's ``_SAMPLING_EPS`` rule), adjusted logits are
+clamped below ``+inf``, logits are shifted by their maximum before the temperature divides
+them (so nothing overflows to ``inf``), and top-p always keeps the most likely token (a
+``top_p`` that rounds to 0 in float32 keeps exactly that one). Logits that are themselves
+NaN or ``+inf`` (a broken adapter, an overflowing model), or that leave no token possible
+(every logit ``-inf``), mark the row: it fails with :class:`NonFiniteLogitsError`, no
+other row does. Log-probabilities are those of the model's own distribution (log-softmax
+of the raw logits, before any adjustment), as vLLM (its default ``raw_logprobs``) and
+OpenAI report them."""
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tessera.engine.errors import RowError
+from tessera.engine.errors import RequestValidationError, RowError
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy: 1/T would overflow the logits
 MAX_LOGPROBS = 20  # top alternatives a request may ask for (OpenAI's limit)
+MAX_LOGIT_BIAS = 300  # logit_bias entries a request may carry (bounded work per step)
+LOGIT_BIAS_LIMIT = 100.0  # |bias| (OpenAI's range)
+PENALTY_LIMIT = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
+MAX_REPETITION_PENALTY = 10.0
+_FLOAT_MAX = torch.finfo(torch.float32).max
 
 
 class NonFiniteLogitsError(RowError):
-    """The model produced NaN or +inf logits for this row (its adapter, most likely)."""
+    """The model produced NaN or +inf logits for this row (its adapter, most likely), or
+    its adjustments left no token possible."""
 
     def __init__(self) -> None:
         super().__init__("the model produced non-finite logits for this request (NaN or "
-                         "+inf); its adapter may be broken")
+                         "+inf, or no token left possible); its adapter may be broken")
+
+
+TokenBias = tuple[Annotated[int, Field(ge=0)],
+                  Annotated[float, Field(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT,
+                                         allow_inf_nan=False)]]
 
 
 class SamplingParams(BaseModel):
@@ -57,27 +84,86 @@ class SamplingParams(BaseModel):
     logprobs: int = Field(0, ge=0, le=MAX_LOGPROBS,
                           description="top alternatives reported with each token (0 = none; "
                                       "the chosen token's logprob is always reported)")
+    presence_penalty: float = Field(0.0, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT,
+                                    allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT,
+                                     allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY,
+                                      allow_inf_nan=False)
+    logit_bias: tuple[TokenBias, ...] = Field((), max_length=MAX_LOGIT_BIAS, description=(
+        "(token id, bias) pairs, each token once; the bias is added to its logit"))
+    min_tokens: int = Field(0, ge=0, description="tokens generated before an EOS may be")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SamplingParams:
+        tokens = [t for t, _ in self.logit_bias]
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("logit_bias names a token more than once")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens "
+                             f"({self.max_tokens})")
+        return self
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW or self.top_k == 1
 
+    @property
+    def penalised(self) -> bool:
+        """Needs the row's token counts (any penalty away from its neutral value)."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
 
 class Sampler:
-    """One request's token picker; owns its generator (CPU, so results do not depend on
-    the device or on the other rows of the batch)."""
+    """One request's token picker. Owns its generator (CPU, so results do not depend on
+    the device or on the other rows of the batch) and the row's adjustment state: its
+    prompt ids (repetition penalty), its stop token ids (``min_tokens``), how many tokens
+    it generated, and -- for a penalised row, created on its first pick on the logits'
+    device -- its output token counts ``[V]`` and the tokens seen in prompt or output
+    ``[V]``. :func:`pick_batch` updates that state with every token it picks."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, prompt: Sequence[int] = (),
+                 stop_ids: Iterable[int] = (), vocab_size: int | None = None) -> None:
         self.params = params
         self.generator: torch.Generator | None = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else secrets.randbits(63)
             self.generator = torch.Generator().manual_seed(seed)
+        if vocab_size is not None:
+            outside = [t for t, _ in params.logit_bias if t >= vocab_size]
+            if outside:
+                raise RequestValidationError(f"logit_bias token id {outside[0]} is outside "
+                                             f"the vocabulary [0, {vocab_size})")
+        # the repetition penalty's prompt ids; min_tokens' stop ids (none when EOS is no stop)
+        self.prompt = tuple(prompt) if params.repetition_penalty != 1.0 else ()
+        self.stop_ids = (() if params.ignore_eos or not params.min_tokens
+                         else tuple(sorted(set(stop_ids))))
+        self.bias_ids = [t for t, _ in params.logit_bias]
+        self.bias_values = [b for _, b in params.logit_bias]
+        self.generated = 0  # tokens picked so far
+        self.counts: torch.Tensor | None = None  # [V] int32, output token counts
+        self.seen: torch.Tensor | None = None  # [V] bool, in the prompt or the output
 
     def uniform(self) -> float:
         """The next uniform number in [0, 1) of this request's own stream."""
         assert self.generator is not None
         return float(torch.rand((), generator=self.generator))
+
+    @property
+    def suppressing(self) -> bool:
+        """Stop token ids are still forbidden (fewer than ``min_tokens`` generated)."""
+        return bool(self.stop_ids) and self.generated < self.params.min_tokens
+
+    def state(self, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The penalised row's ``(counts [V] int32, seen [V] bool)``, made on first use."""
+        if self.counts is None or self.seen is None:
+            self.counts = torch.zeros(vocab, dtype=torch.int32, device=device)
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            prompt = [t for t in self.prompt if 0 <= t < vocab]
+            if prompt:
+                self.seen[torch.tensor(prompt, device=device)] = True
+        return self.counts, self.seen
 
 
 @dataclass(frozen=True)
@@ -87,7 +173,18 @@ class Picked:
     tokens: list[int]
     logprobs: list[float]  # log p(token) under the model's raw distribution
     top: list[tuple[tuple[int, float], ...]]  # the row's top-n (token, logprob), n asked
-    bad: list[bool]  # non-finite logits: the row fails (its token is meaningless)
+    bad: list[bool]  # non-finite logits (or none possible): the row fails
+
+
+@dataclass(frozen=True)
+class _Penalised:
+    """The penalised rows of a step: batch positions, their index ``[P]`` and their state
+    stacked ``[P, V]`` (updated with the picked tokens, then handed back to the rows)."""
+
+    rows: list[int]
+    index: torch.Tensor
+    counts: torch.Tensor
+    seen: torch.Tensor
 
 
 def pick_batch(logits: torch.Tensor, samplers: Sequence[Sampler]) -> Picked:
@@ -96,6 +193,11 @@ def pick_batch(logits: torch.Tensor, samplers: Sequence[Sampler]) -> Picked:
     vocab = x.shape[1]
     bad = (torch.isnan(x) | torch.isposinf(x)).any(dim=-1)  # [B]
     x = x.masked_fill(bad.unsqueeze(-1), 0.0)  # a bad row's math stays finite; discarded
+    raw = x  # log-probabilities are the model's own
+    x, penalised = _adjust(x, samplers)  # [B, V]
+    dead = torch.isneginf(x).all(dim=-1)  # [B]: nothing left to pick
+    bad = bad | dead
+    x = x.masked_fill(dead.unsqueeze(-1), 0.0)
     tokens = x.argmax(dim=-1)  # [B] greedy (first maximum)
     sampled = [i for i, s in enumerate(samplers) if s.generator is not None]
     if sampled:
@@ -104,7 +206,9 @@ def pick_batch(logits: torch.Tensor, samplers: Sequence[Sampler]) -> Picked:
         chosen = _sample(x.index_select(0, index), params,
                          [samplers[i].uniform() for i in sampled])  # [S]
         tokens = tokens.index_copy(0, index, chosen)
-    logp = torch.log_softmax(x, dim=-1)  # [B, V]
+    if penalised is not None:
+        _record(penalised, tokens, samplers)
+    logp = torch.log_softmax(raw, dim=-1)  # [B, V]
     chosen_logp = logp.gather(1, tokens.unsqueeze(1))  # [B, 1]
     n = max((s.params.logprobs for s in samplers), default=0)
     columns = [tokens.unsqueeze(1).double(), chosen_logp.double(),
@@ -115,11 +219,70 @@ def pick_batch(logits: torch.Tensor, samplers: Sequence[Sampler]) -> Picked:
     host = torch.cat(columns, dim=1).tolist()  # the step's one host transfer: [B, 3 + 2n]
     top: list[tuple[tuple[int, float], ...]] = []
     for row, sampler in zip(host, samplers, strict=True):
+        sampler.generated += 1
         k = sampler.params.logprobs
         top.append(tuple((int(t), v) for t, v in zip(row[3:3 + k], row[3 + n:3 + n + k],
                                                       strict=True)))
     return Picked(tokens=[int(r[0]) for r in host], logprobs=[r[1] for r in host],
                   top=top, bad=[bool(r[2]) for r in host])
+
+
+def _adjust(x: torch.Tensor, samplers: Sequence[Sampler]
+            ) -> tuple[torch.Tensor, _Penalised | None]:
+    """``min_tokens``, ``logit_bias`` and the penalties over ``x`` ``[B, V]`` (finite or
+    ``-inf``), every row at once: ``x`` itself when no row adjusts anything, else a new
+    tensor, clamped below ``+inf``; and the penalised rows' stacked state."""
+    device, vocab = x.device, x.shape[1]
+    banned: tuple[list[int], list[int]] = ([], [])  # (row, stop token) while suppressing
+    biased: tuple[list[int], list[int], list[float]] = ([], [], [])  # (row, token, bias)
+    for i, s in enumerate(samplers):
+        if s.suppressing:
+            banned[0].extend([i] * len(s.stop_ids))
+            banned[1].extend(s.stop_ids)
+        if s.bias_ids:
+            biased[0].extend([i] * len(s.bias_ids))
+            biased[1].extend(s.bias_ids)
+            biased[2].extend(s.bias_values)
+    rows = [i for i, s in enumerate(samplers) if s.params.penalised]
+    if not (banned[0] or biased[0] or rows):
+        return x, None
+    if banned[0]:
+        at = (torch.tensor(banned[0], device=device), torch.tensor(banned[1], device=device))
+        x = x.index_put(at, torch.tensor(float("-inf"), device=device))
+    if biased[0]:
+        at = (torch.tensor(biased[0], device=device), torch.tensor(biased[1], device=device))
+        x = x.index_put(at, torch.tensor(biased[2], dtype=x.dtype, device=device),
+                        accumulate=True)
+    penalised = None
+    if rows:
+        states = [samplers[i].state(vocab, device) for i in rows]
+        index = torch.tensor(rows, device=device)  # [P]
+        counts = torch.stack([c for c, _ in states])  # [P, V] int32
+        seen = torch.stack([m for _, m in states])  # [P, V] bool
+        params = [samplers[i].params for i in rows]
+        rep, freq, pres = (torch.tensor([getattr(p, name) for p in params], dtype=x.dtype,
+                                        device=device).unsqueeze(1)  # [P, 1]
+                           for name in ("repetition_penalty", "frequency_penalty",
+                                        "presence_penalty"))
+        sub = x.index_select(0, index)  # [P, V]
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        sub = sub - freq * counts - pres * (counts > 0)
+        x = x.index_copy(0, index, sub)
+        penalised = _Penalised(rows, index, counts, seen)
+    return x.clamp(max=_FLOAT_MAX), penalised
+
+
+def _record(penalised: _Penalised, tokens: torch.Tensor, samplers: Sequence[Sampler]) -> None:
+    """Count the picked ``tokens`` ``[B]`` in the penalised rows' state (on the device, no
+    host sync) and hand each row its updated ``[V]`` slices."""
+    chosen = tokens.index_select(0, penalised.index)  # [P]
+    at = (torch.arange(len(penalised.rows), device=tokens.device), chosen)
+    penalised.counts.index_put_(at, torch.ones((), dtype=torch.int32, device=tokens.device),
+                                accumulate=True)
+    penalised.seen.index_put_(at, torch.ones((), dtype=torch.bool, device=tokens.device))
+    for i, counts, seen in zip(penalised.rows, penalised.counts.unbind(0),
+                               penalised.seen.unbind(0), strict=True):
+        samplers[i].counts, samplers[i].seen = counts, seen
 
 
 def _sample(x: torch.Tensor, params: Sequence[SamplingParams],
@@ -155,6 +318,30 @@ def check_finite(logits: torch.Tensor) -> None:
         raise NonFiniteLogitsError()
 
 
+def adjusted_reference(logits: torch.Tensor, params: SamplingParams, *,
+                       prompt: Sequence[int] = (), output: Sequence[int] = (),
+                       stop_ids: Iterable[int] = ()) -> torch.Tensor:
+    """The logits ``[V]`` a row picks from after ``min_tokens``, ``logit_bias`` and the
+    penalties, one token at a time: ``prompt`` and ``output`` are the row's token ids so
+    far, ``stop_ids`` the model's EOS ids. (Float32 arithmetic in :func:`pick_batch`'s
+    order, so that both give the same numbers.)"""
+    check_finite(logits)
+    x = logits.float().clone()  # [V]
+    if len(output) < params.min_tokens and not params.ignore_eos:
+        for token in stop_ids:
+            x[token] = float("-inf")
+    for token, bias in params.logit_bias:
+        x[token] = x[token] + torch.tensor(bias, dtype=torch.float32)
+    rep, freq, pres = (torch.tensor(v, dtype=torch.float32) for v in (
+        params.repetition_penalty, params.frequency_penalty, params.presence_penalty))
+    if params.repetition_penalty != 1.0:
+        for token in set(prompt) | set(output):
+            x[token] = x[token] / rep if x[token] > 0 else x[token] * rep
+    for token, count in Counter(output).items():
+        x[token] = x[token] - freq * count - pres
+    return x.clamp(max=_FLOAT_MAX)
+
+
 def _ranked(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature, then top-k, then top-p (nucleus) over ``logits`` ``[V]``: the kept
     probability mass ``[V]`` (not renormalised) most likely first, and the token ids in that
@@ -177,18 +364,22 @@ def _ranked(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor,
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution a sampled row draws from: probs ``[V]`` by token id, finite,
-    summing to 1."""
+    summing to 1 (the logits as given: adjust them first with :func:`adjusted_reference`)."""
     probs, order = _ranked(logits, params)
     return torch.zeros_like(probs).scatter_(0, order, probs / probs.sum())
 
 
-def pick_reference(logits: torch.Tensor, params: SamplingParams, u: float) -> int:
-    """One row, plainly: greedy argmax, or the token where the kept mass's CDF (most likely
-    first) passes ``u`` of it."""
-    check_finite(logits)
+def pick_reference(logits: torch.Tensor, params: SamplingParams, u: float, *,
+                   prompt: Sequence[int] = (), output: Sequence[int] = (),
+                   stop_ids: Iterable[int] = ()) -> int:
+    """One row, plainly: its logits adjusted (:func:`adjusted_reference`), then greedy
+    argmax, or the token where the kept mass's CDF (most likely first) passes ``u`` of it."""
+    x = adjusted_reference(logits, params, prompt=prompt, output=output, stop_ids=stop_ids)
+    if bool(torch.isneginf(x).all()):
+        raise NonFiniteLogitsError()
     if params.greedy:
-        return int(torch.argmax(logits.float()))
-    probs, order = _ranked(logits, params)  # [V], [V]
+        return int(torch.argmax(x))
+    probs, order = _ranked(x, params)  # [V], [V]
     cdf = torch.cumsum(probs, dim=-1)  # [V]
     target = torch.tensor([u], dtype=cdf.dtype) * cdf[-1]  # [1], as pick_batch rounds it
     at = int(torch.searchsorted(cdf, target, right=True))

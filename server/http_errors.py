@@ -1,9 +1,19 @@
 """The one place where errors become HTTP responses.
 
-Every error body has one shape: ``{"error": {"type": ..., "message": ..., "field": ...}}``
-(``field`` only when a request field, tensor or config key is to blame). Domain errors of
-the adapter core, the store and the engine are mapped by class in :func:`status_for`;
-routes raise them (or :class:`ApiError`) and never build error responses themselves.
+Every error body has one shape, which serves tessera's clients and OpenAI's alike:
+``{"error": {"message", "type", "param", "code", "field"}}``. ``type`` is the
+machine-readable kind (``invalid_name``, ``queue_full``...), ``code`` the same kind where
+OpenAI clients read it (``BadRequestError.code``: ``context_length_exceeded``,
+``unsupported_field``...), ``param`` the request field, form part, tensor or config key to
+blame (null when none), and ``field`` the same name, present only when there is one
+(tessera's older name). Domain errors of the adapter core, the store and the engine are
+mapped by class in :func:`status_for`; routes raise them (or :class:`ApiError`) and never
+build error responses themselves.
+
+A request body that fails validation is 422 on tessera's own routes and 400 on the
+OpenAI-compatible ones (the routes tagged :data:`OPENAI_TAG`), as OpenAI and vLLM answer;
+a name breaking the name rule, a refused field (``unsupported_field``) and a bad path
+parameter are 400 everywhere.
 """
 
 from __future__ import annotations
@@ -38,8 +48,7 @@ from tessera.engine.errors import (
     StepError,
 )
 from tessera.engine.errors import RequestValidationError as EngineRequestError
-from tessera.server.openai_schemas import UNSUPPORTED_ERROR
-from tessera.server.schemas import NAME_ERROR
+from tessera.server.schemas import NAME_ERROR, UNSUPPORTED_ERROR
 from tessera.store.errors import (
     ConflictError,
     IntegrityError,
@@ -50,6 +59,9 @@ from tessera.store.errors import (
 )
 
 log = logging.getLogger(__name__)
+# The OpenAPI tag of the OpenAI- (and vLLM-) compatible routes: their validation errors
+# are 400, as OpenAI's and vLLM's are.
+OPENAI_TAG = "OpenAI-compatible"
 
 
 class ApiError(Exception):
@@ -124,7 +136,8 @@ def status_for(exc: BaseException) -> tuple[int, str]:
 
 
 def error_body(type_: str, message: str, field: str | None = None) -> dict[str, Any]:
-    error: dict[str, Any] = {"type": type_, "message": message}
+    error: dict[str, Any] = {"message": message, "type": type_, "param": field,
+                             "code": type_}
     if field is not None:
         error["field"] = field
     return {"error": error}
@@ -167,26 +180,34 @@ def _field_of(loc: Sequence[Any]) -> str:
     return ".".join(p for p in parts if not _UNION_TAG.search(p))
 
 
-def _pick(errors: Sequence[Any]) -> tuple[int, str, dict[str, Any]]:
+def is_openai_route(request: Request) -> bool:
+    """The request was routed to an OpenAI-compatible route (tagged :data:`OPENAI_TAG`)."""
+    route = request.scope.get("route")
+    return OPENAI_TAG in (getattr(route, "tags", None) or ())
+
+
+def _pick(errors: Sequence[Any], invalid: int = 422) -> tuple[int, str, dict[str, Any]]:
     """``(status, type, error)`` of a request that failed validation: a name breaking the
     name rule answers 400 ``invalid_name`` (DESIGN: a body field or a path parameter alike),
-    another bad path parameter 400, anything else 422; names first, then the path."""
+    a refused field 400 ``unsupported_field``, another bad path parameter 400, anything
+    else ``invalid`` (422; 400 on the OpenAI-compatible routes); names first, then the
+    path."""
     for error in errors:
         if error.get("type") == NAME_ERROR:
             return 400, "invalid_name", error
-        if error.get("type") == UNSUPPORTED_ERROR:  # an OpenAI field tessera lacks
+        if error.get("type") == UNSUPPORTED_ERROR:  # refused by design: name the field
             name = str(error.get("ctx", {}).get("field", ""))
-            return 400, "unsupported_field", {**error, "loc": ("body", name)}
+            return 400, "unsupported_field", {**error, "loc": (*error.get("loc", ()), name)}
     for error in errors:
         if tuple(error.get("loc", ()))[:1] == ("path",):
             return 400, "invalid_request", error
     if not errors:
-        return 422, "invalid_request", {"loc": (), "msg": "invalid request"}
+        return invalid, "invalid_request", {"loc": (), "msg": "invalid request"}
     # a union (str | list[int]) fails once per member: the deepest error of the first field
     # names what went wrong ("prompt.1: not an integer", not "prompt: not a string")
     field = tuple(errors[0].get("loc", ()))[:2]
     same = [e for e in errors if tuple(e.get("loc", ()))[:2] == field]
-    return 422, "invalid_request", max(same, key=lambda e: len(e.get("loc", ())))
+    return invalid, "invalid_request", max(same, key=lambda e: len(e.get("loc", ())))
 
 
 def install(app: FastAPI) -> None:
@@ -195,9 +216,9 @@ def install(app: FastAPI) -> None:
     async def on_domain(_: Request, exc: Exception) -> JSONResponse:
         return to_response(exc)
 
-    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, PydanticRequestError)
-        status, type_, first = _pick(exc.errors())
+        status, type_, first = _pick(exc.errors(), 400 if is_openai_route(request) else 422)
         field = "body" if first.get("type") == "json_invalid" else _field_of(
             first.get("loc", ()))
         msg = str(first.get("msg", "invalid value"))

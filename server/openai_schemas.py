@@ -1,17 +1,32 @@
 """OpenAI-compatible bodies (``/v1/completions``, ``/v1/chat/completions``,
-``/v1/models``): requests, answers and stream chunks in OpenAI's shapes, on the strict base
-types of :mod:`tessera.server.schemas`. OpenAI fields tessera does not implement are refused
-(400 naming the field) unless they carry their neutral value."""
+``/v1/models``, vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``):
+requests, answers and stream chunks in OpenAI's shapes, on the strict base types of
+:mod:`tessera.server.schemas`. OpenAI fields tessera does not implement are refused
+(400 ``unsupported_field`` naming the field) unless they carry their neutral value."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import json
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from tessera.engine.sampling import MAX_LOGPROBS
-from tessera.server.schemas import Integral, MaxTokens, Messages, Prompt, Sampling, Strict
+from tessera.server.schemas import (
+    AdapterName,
+    Integral,
+    MaxTokens,
+    Messages,
+    Sampling,
+    Strict,
+    TextPrompt,
+    TokenPrompt,
+    unsupported,
+)
+
+# Static ceilings (400 above them); the server's max_choices setting bounds n x prompts.
+MAX_N_CAP = 128  # OpenAI's limit on n
+MAX_PROMPTS_CAP = 128  # prompts in one /v1/completions batch
 
 
 class StreamOptions(Strict):
@@ -23,49 +38,100 @@ class StreamOptions(Strict):
 # that sets one to anything else is refused (400 naming the field), never silently served
 # as if it had not asked. Fields not listed here and unknown to OpenAI are ignored.
 UNSUPPORTED_OPENAI_FIELDS: dict[str, Any] = {
-    "n": 1, "best_of": 1, "echo": False, "suffix": None, "presence_penalty": 0,
-    "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": None, "min_tokens": 0,
-    "tools": None, "tool_choice": None, "parallel_tool_calls": None, "functions": None,
-    "function_call": None, "response_format": None, "audio": None, "modalities": None,
-    "prediction": None, "web_search_options": None, "reasoning_effort": None}
-UNSUPPORTED_ERROR = "unsupported_field"  # answered 400 by tessera.server.http_errors
+    "best_of": 1, "suffix": None, "tools": None, "tool_choice": None,
+    "parallel_tool_calls": None, "functions": None, "function_call": None,
+    "response_format": None, "audio": None, "modalities": None, "prediction": None,
+    "web_search_options": None, "reasoning_effort": None}
 
 
 class OpenAISampling(Sampling):
-    """OpenAI's extras on both endpoints: ``max_completion_tokens`` (wins over
-    ``max_tokens``) and ``stream_options``; OpenAI fields tessera does not implement are
-    refused unless they carry their neutral value."""
+    """OpenAI's extras on both endpoints: ``n``, ``max_completion_tokens`` (wins over
+    ``max_tokens``) and ``stream_options``; OpenAI fields tessera does not implement
+    (:attr:`REFUSED`) are refused unless they carry their neutral value."""
+
+    REFUSED: ClassVar[dict[str, Any]] = UNSUPPORTED_OPENAI_FIELDS
 
     @model_validator(mode="before")
     @classmethod
     def _refuse_unsupported(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for name, neutral in UNSUPPORTED_OPENAI_FIELDS.items():
+            for name, neutral in cls.REFUSED.items():
                 if name in data and data[name] not in (neutral, None, {}, []):
-                    raise PydanticCustomError(
-                        UNSUPPORTED_ERROR, "'{field}' is not supported by tessera "
-                        "(only its default, {neutral!r}, is accepted)",
-                        {"field": name, "neutral": neutral})
+                    raise unsupported(name, "'{field}' is not supported by tessera (only its "
+                                      "default, {neutral}, is accepted)",
+                                      neutral=json.dumps(neutral))
         return data
 
     max_completion_tokens: MaxTokens | None = Field(None, description=(
         "tokens to generate; replaces max_tokens (same limits)"))
     stream_options: StreamOptions | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N_CAP), Integral] = Field(1, description=(
+        "independent choices (each its own request; with a seed, choice i uses seed + i); "
+        "n x prompts at most the server's max_choices (default 16): 400 otherwise"))
 
     def token_limit(self) -> int | None:
         return (self.max_completion_tokens if self.max_completion_tokens is not None
                 else self.max_tokens)
 
 
+TextBatch = Annotated[list[TextPrompt], Field(min_length=1, max_length=MAX_PROMPTS_CAP,
+                                              description="a batch: one choice per prompt")]
+
+
+def _prompt_kind(value: Any) -> str:
+    """The one member of the prompt union a value can be (so that a validation error
+    names what went wrong in that member, not in all three)."""
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list) and value and isinstance(value[0], str):
+        return "list[str]"
+    return "list[int]"
+
+
+CompletionPrompt = Annotated[
+    Annotated[TextPrompt, Tag("str")] | Annotated[TokenPrompt, Tag("list[int]")]
+    | Annotated[TextBatch, Tag("list[str]")], Discriminator(_prompt_kind)]
+
+
 class CompletionIn(OpenAISampling):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
     model: str = Field(min_length=1, description=(
         "task name (the name rule: 400 invalid_name otherwise), or the base model's alias"))
-    prompt: Prompt
+    prompt: CompletionPrompt = Field(description=(
+        "text, token ids, or a list of texts (choices are ordered prompt by prompt, n "
+        "each); a list of token-id lists is refused"))
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), Integral] | None = Field(
         None, description="log-probabilities of each token and of its n most likely "
                           "alternatives (n = this value)")
+    echo: bool = Field(False, description="the prompt's text before each choice's text "
+                                          "(not with logprobs: 400)")
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_token_batches(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            prompt = data.get("prompt")
+            if isinstance(prompt, list) and any(isinstance(p, list) for p in prompt):
+                raise unsupported("prompt", "a batch of token-id prompts is not supported "
+                                  "by tessera: send one token-id prompt per request, or a "
+                                  "list of strings")
+        return data
+
+    @model_validator(mode="after")
+    def _echo_without_logprobs(self) -> CompletionIn:
+        if self.echo and self.logprobs is not None:
+            raise unsupported("echo", "'echo' with 'logprobs' is not supported by tessera: "
+                              "the prompt tokens' log-probabilities are not computed (send "
+                              "one of the two)")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the batch (one unless a list of strings was sent)."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and isinstance(prompt[0], str):
+            return [str(p) for p in prompt]
+        return [prompt]
 
     def top_logprobs(self) -> int | None:
         """None = no logprobs in the answer; else the alternatives per token."""
@@ -74,6 +140,8 @@ class CompletionIn(OpenAISampling):
 
 class ChatIn(OpenAISampling):
     model_config = ConfigDict(extra="ignore")
+    # vLLM's chat "echo" (repeat the last message) is not implemented either
+    REFUSED: ClassVar[dict[str, Any]] = {**UNSUPPORTED_OPENAI_FIELDS, "echo": False}
     model: str = Field(min_length=1, description=(
         "task name (the name rule: 400 invalid_name otherwise), or the base model's alias"))
     messages: Messages
@@ -85,6 +153,30 @@ class ChatIn(OpenAISampling):
     def top_logprob_count(self) -> int | None:
         """None = no logprobs in the answer; else the alternatives per token."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+# --- vLLM's adapter management ------------------------------------------------------------
+MAX_LORA_PATH = 4096
+
+
+class LoadLoraIn(Strict):
+    """vLLM's ``/v1/load_lora_adapter``: a PEFT folder under the server's adapter root
+    becomes the caller's adapter ``lora_name`` (a new version) and the task ``lora_name``
+    is bound to it, so ``model: lora_name`` serves it."""
+
+    lora_name: AdapterName
+    lora_path: str = Field(min_length=1, max_length=MAX_LORA_PATH, description=(
+        "a folder holding adapter_config.json and adapter_model.safetensors: absolute "
+        "inside the server's adapter root, or relative to it"))
+    load_inplace: bool = Field(False, description=(
+        "replace an adapter already loaded under that name (400 otherwise, as vLLM)"))
+
+
+class UnloadLoraIn(Strict):
+    """vLLM's ``/v1/unload_lora_adapter``: the task ``lora_name`` is unbound (its stored
+    versions stay)."""
+
+    lora_name: AdapterName
 
 
 class Usage(BaseModel):

@@ -23,6 +23,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from tessera.engine.sampling import (
+    LOGIT_BIAS_LIMIT,
+    MAX_LOGIT_BIAS,
+    MAX_REPETITION_PENALTY,
+    PENALTY_LIMIT,
+)
 from tessera.store.errors import InvalidNameError
 from tessera.store.models import AdapterVersion, Binding, HypernetVersion
 from tessera.store.names import MAX_NAME_LENGTH, NAME_RE, check_name
@@ -246,6 +252,19 @@ class TaskList(BaseModel):
 MAX_TOKENS_CAP = 1 << 20
 MAX_STOP_SEQUENCES_CAP = 64
 MAX_STOP_LENGTH_CAP = 1024
+MAX_CONTENT_PARTS = 64  # text parts of one chat message
+# A request field tessera refuses by design (an OpenAI field it does not implement, a
+# combination it cannot serve, a chat content part that is not text): answered 400
+# ``unsupported_field`` naming it by tessera.server.http_errors. Raise it with
+# ``{"field": name}`` in the context: the field is ``name`` below where it was raised.
+UNSUPPORTED_ERROR = "unsupported_field"
+
+
+def unsupported(field: str, message: str, **context: Any) -> PydanticCustomError:
+    """The validation error of a refused field (``message`` may use ``{field}`` and
+    ``context``'s names, formatted with ``str``: no conversions such as ``!r``)."""
+    return PydanticCustomError(UNSUPPORTED_ERROR, message, {"field": field, **context})
+
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH_CAP)]
 TokenId = Annotated[int, Field(ge=0), Integral]
@@ -254,6 +273,11 @@ TextPrompt = Annotated[str, Field(min_length=1, description="text, tokenized wit
 TokenPrompt = Annotated[list[TokenId], Field(min_length=1, description=(
     "token ids, each in [0, vocabulary size); 400 for one outside it"))]
 Prompt = TextPrompt | TokenPrompt
+# a JSON object's key naming a token id: decimal, no sign, no leading zero (one spelling
+# per id, so two keys never name one token)
+TokenKey = Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,9})$")]
+Bias = Annotated[float, Field(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-PENALTY_LIMIT, le=PENALTY_LIMIT, allow_inf_nan=False)]
 
 
 class Sampling(Strict):
@@ -273,17 +297,58 @@ class Sampling(Strict):
             "128): 400 otherwise"))
     stream: bool = Field(False, description="server-sent events instead of one JSON body")
     ignore_eos: bool = False
+    presence_penalty: Penalty = Field(0.0, description=(
+        "OpenAI's: subtracted once from the logit of every token already generated"))
+    frequency_penalty: Penalty = Field(0.0, description=(
+        "OpenAI's: subtracted from a token's logit once per time it was generated"))
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False, description=(
+            "vLLM's / transformers': the logit of a token in the prompt or the output is "
+            "divided by it when positive, multiplied by it otherwise (1 = off)"))
+    logit_bias: Annotated[dict[TokenKey, Bias], Field(
+        max_length=MAX_LOGIT_BIAS, json_schema_extra={"additionalProperties": False})] | None = (
+        Field(None, description="token id (a decimal string) -> bias added to its logit "
+                                "before sampling; -100 bans a token, +100 all but forces it"))
+    min_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS_CAP), Integral] = Field(
+        0, description="vLLM's: the model's EOS tokens are suppressed until this many tokens "
+                       "were generated (stop strings still apply); at most max_tokens")
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias) pairs."""
+        return tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
+
+
+class TextPart(BaseModel):
+    """A chat content part: only text (``{"type": "text", "text": ...}``)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text"]
+    text: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "type" in data and data["type"] != "text":
+            raise unsupported("type", "content part type {kind} is not supported by "
+                              "tessera (only 'text' parts)", kind=repr(data["type"])[:64])
+        return data
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] = Field(
+        description="text, or a list of text parts (joined with newlines, as vLLM does)")
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
 
 
 Messages = Annotated[list[ChatMessage], Field(min_length=1)]

@@ -4,6 +4,8 @@ their ``TESSERA_*`` names, the store's ``TESSERA_STORE_*``). Nothing is read at 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -28,5 +30,12 @@ class ServerSettings(BaseSettings):
     max_archive_bytes: int = Field(512 * 1024 * 1024, ge=1024,
                                    description="uncompressed bytes read from an archive")
     base_alias: str = Field("base", description="model name meaning 'no adapter'")
+    max_choices: int = Field(16, ge=1, le=1024, description=(
+        "choices one OpenAI request may ask for: n x prompts, each its own engine request "
+        "(400 above it)"))
+    lora_adapter_root: Path | None = Field(None, description=(
+        "the only directory vLLM's /v1/load_lora_adapter reads lora_path from (resolved; "
+        "symlinks leaving it refused); None = that endpoint and /v1/unload_lora_adapter "
+        "answer 403"))
     engine: EngineSettings = Field(default_factory=EngineSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)

@@ -150,14 +150,15 @@ async def parse_upload(form: FormData, max_archive_bytes: int) -> Upload:
         missing = "config" if config is None else "weights"
         raise ApiError(422, "invalid_request", f"missing form field {missing!r}",
                        field=missing)
-    return await asyncio.to_thread(_from_files, config[0], weight_part[0])
+    return await asyncio.to_thread(from_files, config[0], weight_part[0])
 
 
 def _from_archive(data: bytes, filename: str, max_archive_bytes: int) -> Upload:
-    return _from_files(*extract_peft(data, filename, max_archive_bytes))
+    return from_files(*extract_peft(data, filename, max_archive_bytes))
 
 
-def _from_files(config_bytes: bytes, weights: bytes) -> Upload:
+def from_files(config_bytes: bytes, weights: bytes) -> Upload:
+    """An upload from a config (PEFT or tessera manifest) and weights; blocking."""
     document = _json_object(config_bytes)
     if document.get("format") == artifact.ADAPTER_FORMAT:
         return Upload("tessera", document, weights)

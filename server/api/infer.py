@@ -1,27 +1,24 @@
 """Inference: the native endpoint keyed by task, OpenAI-compatible completions and chat
-completions (SSE streaming), and the tenant's models."""
+completions (SSE streaming; ``n`` choices and prompt batches, each choice its own engine
+request, run by :mod:`tessera.server.api.choices`), and the tenant's models."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Sequence
+from enum import Enum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
-from tessera.engine.errors import QueueFullError
-from tessera.engine.requests import AdapterSpec, RequestHandle, TokenEvent
+from tessera.engine.requests import TokenEvent
 from tessera.engine.sampling import SamplingParams
+from tessera.server.api.choices import Job, Messages, answer
 from tessera.server.api.openapi import AUTHENTICATED, errors, event_stream
 from tessera.server.auth import TenantName
-from tessera.server.http_errors import client_gone, describe
-from tessera.server.logs import bind_request
-from tessera.server.metrics import Metrics
+from tessera.server.http_errors import OPENAI_TAG, ApiError
 from tessera.server.openai_schemas import (
     ChatChunk,
     ChatCompletionOut,
@@ -41,186 +38,40 @@ router = APIRouter(prefix="/v1", responses=AUTHENTICATED)
 Svc = Annotated[Service, Depends(get_service)]
 # bad input, unknown task, over the context, queue full (Retry-After)
 INFERENCE_ERRORS = errors(400, 404, 413, 422, 429)
-Chunk = Callable[[TokenEvent | None], dict[str, Any]]
+OPENAI: list[str | Enum] = [OPENAI_TAG]  # validation errors answer 400 on these routes
 
 
-def sampling_of(body: Sampling, logprobs: int | None = None) -> SamplingParams:
-    """The engine's parameters; ``logprobs``: alternatives reported per token."""
+def sampling_of(body: Sampling, service: Service, logprobs: int | None = None
+                ) -> SamplingParams:
+    """The engine's parameters (``logprobs``: alternatives reported per token), after the
+    checks that need the server: ``min_tokens`` within the token limit, ``logit_bias``
+    token ids within the vocabulary (400 naming the field)."""
     limit = body.token_limit() if isinstance(body, OpenAISampling) else body.max_tokens
+    if limit is not None and body.min_tokens > limit:
+        raise ApiError(400, "invalid_request", f"min_tokens ({body.min_tokens}) exceeds the "
+                       f"token limit ({limit})", field="min_tokens")
+    bias = body.bias_pairs()
+    vocab = int(service.engine.base.model.config.vocab_size)
+    outside = [token for token, _ in bias if token >= vocab]
+    if outside:
+        raise ApiError(400, "invalid_request", f"logit_bias names token id {outside[0]}, "
+                       f"outside the vocabulary [0, {vocab})", field="logit_bias")
     return SamplingParams(max_tokens=limit, temperature=body.temperature,
                           top_p=body.top_p, top_k=body.top_k, seed=body.seed,
                           stop=body.stop_list(), ignore_eos=body.ignore_eos,
-                          logprobs=logprobs or 0)
+                          logprobs=logprobs or 0, presence_penalty=body.presence_penalty,
+                          frequency_penalty=body.frequency_penalty,
+                          repetition_penalty=body.repetition_penalty, logit_bias=bias,
+                          min_tokens=body.min_tokens)
 
 
-class _Observed:
-    """One request's timings for the metrics (submit, first token, end) and its
-    "request finished" log line; binds the request's fields to the log context
-    (:func:`tessera.server.logs.bind_request`: every line logged while serving it carries them)."""
-
-    def __init__(self, metrics: Metrics, tenant: str, request_id: str, model: str) -> None:
-        self.metrics, self.tenant = metrics, tenant
-        self.request_id, self.model = request_id, model
-        self.adapter: str | None = None
-        self.method: str | None = None
-        self.start = time.monotonic()
-        self.first_s: float | None = None
-        bind_request(request_id=request_id, tenant=tenant, model=model)
-
-    def resolved(self, spec: AdapterSpec | None, method: str | None) -> None:
-        self.adapter, self.method = (spec.key if spec is not None else None), method
-        bind_request(adapter=self.adapter, method=method)
-
-    def first_token(self) -> None:
-        self.first_s = time.monotonic() - self.start
-        self.metrics.observe_first_token(tenant=self.tenant, method=self.method,
-                                         seconds=self.first_s)
-
-    def end(self, last: TokenEvent | None, outcome: str) -> None:
-        latency_s = time.monotonic() - self.start
-        prompt_tokens = last.prompt_tokens if last else 0
-        completion_tokens = last.completion_tokens if last else 0
-        self.metrics.observe_request(
-            tenant=self.tenant, method=self.method, latency_s=latency_s,
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-            first_token_s=self.first_s, outcome=outcome)
-        # the fields explicitly: a stream may end outside the request's log context
-        log.info("request finished", extra={
-            "request_id": self.request_id, "tenant": self.tenant, "model": self.model,
-            "adapter": self.adapter, "method": self.method,
-            "outcome": outcome,
-            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "latency_s": round(latency_s, 4),
-            "first_token_s": None if self.first_s is None else round(self.first_s, 4)})
-
-
-async def _run(service: Service, tenant: str, model: str, params: SamplingParams, *,
-               prompt: str | Sequence[int] | None,
-               messages: Sequence[Mapping[str, str]] | None, observed: _Observed
-               ) -> tuple[RequestHandle, AsyncGenerator[TokenEvent, None], TokenEvent]:
-    """Submit and wait for the first event, so that a failure before the first token
-    (adapter load, queue) still answers with its own status instead of a broken stream."""
-    try:
-        spec, method = await service.resolve(tenant, model)
-        observed.resolved(spec, method)
-        handle = await service.submit(spec, request_id=observed.request_id, prompt=prompt,
-                                      messages=messages, sampling=params)
-    except QueueFullError:
-        observed.end(None, "rejected")
-        raise
-    except BaseException:
-        observed.end(None, "error")
-        raise
-    events = handle.events()
-    try:
-        first = await events.__anext__()
-    except BaseException:
-        handle.cancel()
-        await events.aclose()
-        observed.end(None, "error")
-        raise
-    observed.first_token()
-    return handle, events, first
-
-
-async def _prepend(first: TokenEvent, rest: AsyncGenerator[TokenEvent, None],
-                   observed: _Observed) -> AsyncGenerator[TokenEvent, None]:
-    last: TokenEvent | None = first
-    outcome: str | None = None
-    try:
-        yield first
-        if first.finish_reason is None:
-            async for event in rest:
-                last = event
-                yield event
-    except Exception:
-        outcome = "error"
-        raise
-    finally:  # finished, failed or abandoned by the client: counted once
-        reason = last.finish_reason if last is not None else None
-        observed.end(last, outcome or reason or "cancelled")
-
-
-def _sse(handle: RequestHandle, events: AsyncIterator[TokenEvent], chunk: Chunk,
-         tail: Callable[[TokenEvent], dict[str, Any]] | None = None) -> StreamingResponse:
-    """Server-sent events: one chunk per event, ``tail(last event)`` (the usage chunk)
-    when given, then ``[DONE]``; an error after the first bytes is an error event."""
-    async def body() -> AsyncIterator[str]:
-        try:
-            try:
-                last: TokenEvent | None = None
-                async for event in events:
-                    last = event
-                    yield f"data: {json.dumps(chunk(event))}\n\n"
-                if tail is not None and last is not None:
-                    yield f"data: {json.dumps(tail(last))}\n\n"
-            except Exception as exc:  # failed after the first bytes: say so, never cut
-                _, error, _ = describe(exc)
-                yield f"data: {json.dumps(error)}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:  # client gone (or done): the row leaves the batch
-            handle.cancel()
-
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns once the client has gone (the body was read: the next ASGI message is
-    ``http.disconnect``)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _gather(stream: AsyncIterator[TokenEvent]) -> list[TokenEvent]:
-    """Every event up to and including the final one."""
-    events: list[TokenEvent] = []
-    async for event in stream:
-        events.append(event)
-        if event.finish_reason is not None:
-            return events
-    raise RuntimeError("event stream ended without a finish reason")
-
-
-async def _collect_unless_gone(request: Request, handle: RequestHandle,
-                               stream: AsyncIterator[TokenEvent]) -> list[TokenEvent]:
-    """The whole result; a client that leaves first cancels the row at once (a
-    non-streaming request must not keep generating for nobody)."""
-    work = asyncio.ensure_future(_gather(stream))
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():
-            handle.cancel()  # the row leaves the batch before the next step
-            work.cancel()
-    if not work.done() or work.cancelled():
-        raise client_gone()
-    return work.result()
-
-
-async def _answer(request: Request, service: Service, tenant: str, model: str,
-                  body: Sampling, *, rid: str, prompt: str | Sequence[int] | None,
-                  messages: Sequence[Mapping[str, str]] | None, chunk: Chunk,
-                  whole: Callable[[list[TokenEvent]], Any], logprobs: int | None = None,
-                  tail: Callable[[TokenEvent], dict[str, Any]] | None = None) -> Any:
-    """Run one request; ``whole(events)`` answers a non-streaming one, ``chunk(event)``
-    (and ``tail``) a streaming one."""
-    observed = _Observed(service.metrics, tenant, rid, model)
-    handle, events, first = await _run(service, tenant, model, sampling_of(body, logprobs),
-                                       prompt=prompt, messages=messages, observed=observed)
-    stream = _prepend(first, events, observed)
-    if body.stream:
-        return _sse(handle, stream, chunk, tail)
-    try:
-        gathered = await _collect_unless_gone(request, handle, stream)
-    finally:
-        handle.cancel()
-    # _gather stops at the final event: end the stream now (its "request finished"
-    # accounting and log line), not whenever the generator is garbage-collected
-    await stream.aclose()
-    return whole(gathered)
+def _check_choices(service: Service, n: int, prompts: int = 1) -> None:
+    """n x prompts engine requests, bounded by the ``max_choices`` setting before any."""
+    limit = service.settings.max_choices
+    if n * prompts > limit:
+        what = f"n={n} x {prompts} prompts = {n * prompts}" if prompts > 1 else f"n={n}"
+        raise ApiError(400, "invalid_request", f"{what} choices; at most {limit} per "
+                       "request (the server's max_choices)", field="n")
 
 
 def _tokens(events: Sequence[TokenEvent]) -> list[TokenEvent]:
@@ -266,9 +117,27 @@ def _chat_logprobs(service: Service, events: Sequence[TokenEvent]) -> dict[str, 
     return {"content": content}
 
 
-def _usage(last: TokenEvent) -> dict[str, int]:
-    return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-            "total_tokens": last.prompt_tokens + last.completion_tokens}
+def _usage(lasts: Sequence[TokenEvent], n: int = 1) -> dict[str, int]:
+    """Usage of every choice (the last event of each, ``n`` per prompt in order): each
+    prompt counted once, every choice's completion tokens."""
+    prompt = sum(last.prompt_tokens for last in lasts[::n])
+    completion = sum(last.completion_tokens for last in lasts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _jobs(params: SamplingParams, n: int, prompts: Sequence[str | Sequence[int] | None],
+          messages: Messages | None = None) -> list[Job]:
+    """One job per choice: prompt by prompt, ``n`` each (choice index ``i * n + j``, as
+    OpenAI orders them); with a seed, choice ``j`` of a prompt samples with ``seed + j``
+    (vLLM's rule), so that the n choices differ yet repeat."""
+    jobs = []
+    for prompt in prompts:
+        for j in range(n):
+            own = params if params.seed is None or j == 0 else params.model_copy(
+                update={"seed": (params.seed + j) % 2**63})
+            jobs.append(Job(prompt, messages, own))
+    return jobs
 
 
 @router.post("/tasks/{task}/generate", response_model=None, responses={
@@ -276,14 +145,15 @@ def _usage(last: TokenEvent) -> dict[str, int]:
 async def generate(task: TaskParam, body: GenerateIn, tenant: TenantName, service: Svc,
                    request: Request) -> Any:
     rid = f"gen-{uuid.uuid4().hex}"
-    messages = [m.model_dump(include={"role", "content"}) for m in body.messages or []]
+    messages = ([{"role": m.role, "content": m.text()} for m in body.messages]
+                if body.messages is not None else None)
 
-    def chunk(event: TokenEvent | None) -> dict[str, Any]:
-        assert event is not None
+    def chunk(_: int, event: TokenEvent) -> dict[str, Any]:
         return {"id": rid, "text": event.text, "token_id": event.token_id,
                 "finish_reason": event.finish_reason}
 
-    def whole(events: list[TokenEvent]) -> GenerateOut:
+    def whole(choices: list[list[TokenEvent]]) -> GenerateOut:
+        [events] = choices
         last = events[-1]
         return GenerateOut(id=rid, task=task, text=_text(events),
                            token_ids=[e.token_id for e in _tokens(events)
@@ -292,53 +162,62 @@ async def generate(task: TaskParam, body: GenerateIn, tenant: TenantName, servic
                            prompt_tokens=last.prompt_tokens,
                            completion_tokens=last.completion_tokens)
 
-    return await _answer(request, service, tenant, task, body, rid=rid, prompt=body.prompt,
-                         messages=messages if body.messages is not None else None,
+    jobs = _jobs(sampling_of(body, service), 1, [body.prompt], messages)
+    return await answer(request, service, tenant, task, body.stream, rid=rid, jobs=jobs,
                          chunk=chunk, whole=whole)
 
 
-@router.post("/completions", response_model=None, responses={
+@router.post("/completions", response_model=None, tags=OPENAI, responses={
     **event_stream(CompletionOut, CompletionChunk, "the completion"), **INFERENCE_ERRORS})
 async def completions(body: CompletionIn, tenant: TenantName, service: Svc,
                       request: Request) -> Any:
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
+    prompts = body.prompts()
+    _check_choices(service, body.n, len(prompts))
     wanted = body.top_logprobs()
+    params = sampling_of(body, service, wanted)
     usage = body.stream_options is not None and body.stream_options.include_usage
+    # echo: each choice's text starts with its prompt's (token ids: decoded)
+    echoes = [(p if isinstance(p, str) else service.engine.base.tokenizer.decode(p))
+              if body.echo else "" for p in prompts]
+    echoed: set[int] = set()  # streamed choices whose prompt was sent
 
     def base(choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": rid, "object": "text_completion", "created": created,
                 "model": body.model, "choices": choices}
 
-    def choice(events: list[TokenEvent], finish: str | None) -> dict[str, Any]:
+    def choice(index: int, text: str, events: list[TokenEvent],
+               finish: str | None) -> dict[str, Any]:
         logprobs = None if wanted is None else _completion_logprobs(service, events)
-        return {"index": 0, "text": _text(events), "logprobs": logprobs,
-                "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-    def chunk(event: TokenEvent | None) -> dict[str, Any]:
-        assert event is not None
-        out = base([choice([event], event.finish_reason)])
+    def chunk(index: int, event: TokenEvent) -> dict[str, Any]:
+        prefix = "" if index in echoed else echoes[index // body.n]
+        echoed.add(index)
+        out = base([choice(index, prefix + event.text, [event], event.finish_reason)])
         return {**out, "usage": None} if usage else out
 
-    def whole(events: list[TokenEvent]) -> dict[str, Any]:
-        return {**base([choice(events, events[-1].finish_reason)]),
-                "usage": _usage(events[-1])}
+    def whole(choices: list[list[TokenEvent]]) -> dict[str, Any]:
+        return {**base([choice(i, echoes[i // body.n] + _text(events), events,
+                               events[-1].finish_reason)
+                        for i, events in enumerate(choices)]),
+                "usage": _usage([events[-1] for events in choices], body.n)}
 
-    return await _answer(request, service, tenant, body.model, body, rid=rid,
-                         prompt=body.prompt, messages=None, chunk=chunk, whole=whole,
-                         logprobs=wanted,
-                         tail=(lambda last: {**base([]), "usage": _usage(last)})
+    return await answer(request, service, tenant, body.model, body.stream, rid=rid,
+                         jobs=_jobs(params, body.n, prompts), chunk=chunk, whole=whole,
+                         tail=(lambda lasts: {**base([]), "usage": _usage(lasts, body.n)})
                          if usage else None)
 
 
-@router.post("/chat/completions", response_model=None, responses={
+@router.post("/chat/completions", response_model=None, tags=OPENAI, responses={
     **event_stream(ChatCompletionOut, ChatChunk, "the chat completion"), **INFERENCE_ERRORS})
 async def chat_completions(body: ChatIn, tenant: TenantName, service: Svc,
                            request: Request) -> Any:
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    messages = [{"role": m.role, "content": m.content} for m in body.messages]
-
+    _check_choices(service, body.n)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     wanted = body.top_logprob_count()
+    params = sampling_of(body, service, wanted)
     usage = body.stream_options is not None and body.stream_options.include_usage
 
     def head(kind: str) -> dict[str, Any]:
@@ -347,23 +226,25 @@ async def chat_completions(body: ChatIn, tenant: TenantName, service: Svc,
     def logprobs(events: list[TokenEvent]) -> dict[str, Any] | None:
         return None if wanted is None else _chat_logprobs(service, events)
 
-    def chunk(event: TokenEvent | None) -> dict[str, Any]:
-        assert event is not None
+    def chunk(index: int, event: TokenEvent) -> dict[str, Any]:
         out = {**head("chat.completion.chunk"), "choices": [{
-            "index": 0, "delta": {"role": "assistant", "content": event.text},
+            "index": index, "delta": {"role": "assistant", "content": event.text},
             "logprobs": logprobs([event]), "finish_reason": event.finish_reason}]}
         return {**out, "usage": None} if usage else out
 
-    def whole(events: list[TokenEvent]) -> dict[str, Any]:
+    def whole(choices: list[list[TokenEvent]]) -> dict[str, Any]:
         return {**head("chat.completion"), "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": _text(events)},
-            "logprobs": logprobs(events), "finish_reason": events[-1].finish_reason}],
-            "usage": _usage(events[-1])}
+            "index": i, "message": {"role": "assistant", "content": _text(events)},
+            "logprobs": logprobs(events), "finish_reason": events[-1].finish_reason}
+            for i, events in enumerate(choices)],
+            "usage": _usage([events[-1] for events in choices], body.n)}
 
-    return await _answer(request, service, tenant, body.model, body, rid=rid, prompt=None,
-                         messages=messages, chunk=chunk, whole=whole, logprobs=wanted,
-                         tail=(lambda last: {**head("chat.completion.chunk"), "choices": [],
-                                             "usage": _usage(last)}) if usage else None)
+    return await answer(request, service, tenant, body.model, body.stream, rid=rid,
+                         jobs=_jobs(params, body.n, [None], messages), chunk=chunk,
+                         whole=whole,
+                         tail=(lambda lasts: {**head("chat.completion.chunk"), "choices": [],
+                                              "usage": _usage(lasts, body.n)})
+                         if usage else None)
 
 
 def _card(service: Service, model: str, owner: str) -> ModelCard:
@@ -373,7 +254,7 @@ def _card(service: Service, model: str, owner: str) -> ModelCard:
                      max_model_len=service.engine.base.context_limit)
 
 
-@router.get("/models")
+@router.get("/models", tags=OPENAI)
 async def models(tenant: TenantName, service: Svc) -> ModelList:
     tasks = await service.store.store.list_tasks(tenant)
     cards = [_card(service, service.settings.base_alias, "tessera")]
@@ -381,7 +262,7 @@ async def models(tenant: TenantName, service: Svc) -> ModelList:
     return ModelList(data=cards)
 
 
-@router.get("/models/{model}", responses=errors(400, 404, 422))
+@router.get("/models/{model}", tags=OPENAI, responses=errors(400, 404, 422))
 async def model_card(model: TaskParam, tenant: TenantName, service: Svc) -> ModelCard:
     """One model: the base alias, or a task of the caller's (404 otherwise)."""
     if service.is_base(model):

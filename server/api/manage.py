@@ -1,15 +1,20 @@
-"""Tenants (admin), adapters and tasks (tenant-scoped)."""
+"""Tenants (admin), adapters and tasks (tenant-scoped), and vLLM's runtime LoRA endpoints
+(:mod:`tessera.server.vllm_lora`)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from enum import Enum
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import PlainTextResponse
 
 from tessera.engine.requests import AdapterSpec
-from tessera.server.api.openapi import AUTHENTICATED, errors, multipart
+from tessera.server import vllm_lora
+from tessera.server.api.openapi import AUTHENTICATED, ErrorBody, Responses, errors, multipart
 from tessera.server.auth import Admin, TenantName
-from tessera.server.http_errors import ApiError
+from tessera.server.http_errors import OPENAI_TAG, ApiError
+from tessera.server.openai_schemas import LoadLoraIn, UnloadLoraIn
 from tessera.server.schemas import (
     Activate,
     AdapterList,
@@ -129,3 +134,45 @@ async def unpin_task(tenant: TenantParam, task: TaskParam, _: Admin,
     spec = await _mergeable_spec(service, tenant, task)
     return {"tenant": tenant, "task": task, "adapter": spec.key,
             "was_pinned": service.engine.unpin(spec.key)}
+
+
+# --- vLLM's runtime LoRA loading ----------------------------------------------------------
+OPENAI: list[str | Enum] = [OPENAI_TAG]  # validation errors answer 400, as vLLM's
+
+
+def _lora_responses(done: str, *codes: int) -> Responses:
+    """200 as vLLM answers it (text), the errors as JSON: spelled out, since FastAPI would
+    document them in the route's text/plain media type."""
+    listed = {**AUTHENTICATED, **errors(*codes), 403: {**AUTHENTICATED[403], "description": (
+        "The server has no adapter root (TESSERA_LORA_ADAPTER_ROOT): loading from its "
+        "filesystem is disabled; or the key is not a tenant's")}}
+    error: dict[str, Any] = {"application/json": {"schema": {
+        "$ref": f"#/components/schemas/{ErrorBody.__name__}"}}}
+    out: Responses = {code: {**{k: v for k, v in entry.items() if k != "model"},
+                             "content": error} for code, entry in listed.items()}
+    out[200] = {"description": done, "content": {"text/plain": {"schema": {"type": "string"}}}}
+    return out
+
+
+@router.post("/load_lora_adapter", tags=OPENAI, response_class=PlainTextResponse,
+             responses=_lora_responses("loaded: the task lora_name serves the new version",
+                                       400, 404, 409, 413, 415, 422))
+async def load_lora_adapter(body: LoadLoraIn, tenant: TenantName,
+                            service: Svc) -> PlainTextResponse:
+    """vLLM's: the PEFT folder ``lora_path`` (under the server's adapter root) becomes a
+    new version of the caller's adapter ``lora_name``, and the task ``lora_name`` is bound
+    to it."""
+    await vllm_lora.load(service, tenant, body.lora_name, body.lora_path,
+                         in_place=body.load_inplace)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/unload_lora_adapter", tags=OPENAI, response_class=PlainTextResponse,
+             responses=_lora_responses("unloaded: the task lora_name is unbound",
+                                       400, 404, 409, 422))
+async def unload_lora_adapter(body: UnloadLoraIn, tenant: TenantName,
+                              service: Svc) -> PlainTextResponse:
+    """vLLM's: the task ``lora_name`` is unbound (its adapter's versions stay stored)."""
+    await vllm_lora.unload(service, tenant, body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed "
+                             "successfully.")

@@ -21,8 +21,11 @@ from tessera.engine.settings import EngineSettings
 
 
 class ErrorDetail(BaseModel):
-    type: str = Field(description="machine-readable kind, e.g. 'invalid_name', 'queue_full'")
     message: str = Field(description="what went wrong, naming the numbers involved")
+    type: str = Field(description="machine-readable kind, e.g. 'invalid_name', 'queue_full'")
+    param: str | None = Field(description="OpenAI's name of `field`: the field to blame, "
+                                          "or null")
+    code: str = Field(description="the same kind as `type`, where OpenAI clients read it")
     field: str | SkipJsonSchema[None] = Field(
         None, description="the request field, form part, tensor or config key to blame; "
                           "absent when none is")
@@ -42,9 +45,11 @@ _WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "the authentication sch
                                           "schema": {"type": "string"}}}
 
 _ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
-    400: ("Bad input: a name breaking the name rule (type 'invalid_name'), a malformed "
-          "path parameter, multipart body or archive, prompt + max_tokens over the context "
-          "(both numbers given), a limit of the server's configuration", {}),
+    400: ("Bad input: a name breaking the name rule (type 'invalid_name'), a refused "
+          "field (type 'unsupported_field'), a malformed path parameter, multipart body or "
+          "archive, prompt + max_tokens over the context (both numbers given), a limit of "
+          "the server's configuration; on the OpenAI-compatible routes also a field failing "
+          "validation", {}),
     401: ("Missing or invalid API key", _WWW_AUTHENTICATE),
     403: ("The key is valid but not for this endpoint (admin key on a tenant route or "
           "the reverse)", {}),
@@ -55,8 +60,9 @@ _ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
           "max_request_bytes otherwise; refused before it is buffered whole)", {}),
     415: ("Not multipart/form-data, or a pickle-based / non-safetensors weights file "
           "(nothing was loaded)", {}),
-    422: ("A field fails validation (type, bound, required), or the adapter is invalid "
-          "(the field names the tensor or config key)", {}),
+    422: ("A field fails validation (type, bound, required; 400 on the OpenAI-compatible "
+          "routes), or the adapter is invalid (the field names the tensor or config key)",
+          {}),
     429: ("The queue is full: retry after Retry-After seconds", _RETRY_AFTER),
     503: ("A dependency is down (Redis) or the engine is stopping / failed a step", {}),
 }

@@ -22,7 +22,9 @@ from tests.http.conftest import CONTEXT_LIMIT, UPLOAD_LIMIT, Api
 def error(r: httpx.Response, status: int, *words: str) -> dict[str, Any]:
     assert r.status_code == status, (r.status_code, r.text)
     err: dict[str, Any] = r.json()["error"]
-    assert set(err) <= {"type", "message", "field"} and err["type"] and err["message"]
+    assert set(err) <= {"type", "message", "field", "param", "code"}
+    assert err["type"] and err["message"]
+    assert err["param"] == err.get("field") and err["code"] == err["type"]  # OpenAI's names
     for word in words:
         assert word in err["message"], (word, err)
     return err
@@ -116,13 +118,13 @@ async def test_request_errors(api: Api) -> None:
     r = await api.client.post("/v1/tasks/base/generate", headers=headers,
                               json={"prompt": "hello", "max_tokens": CONTEXT_LIMIT})
     error(r, 400, str(CONTEXT_LIMIT), "tokens")
-    # pydantic validation: names the field
+    # pydantic validation: names the field (400 on the OpenAI routes, as OpenAI answers)
     r = await api.client.post("/v1/completions", headers=headers,
                               json={"model": "base", "prompt": "x", "temperature": -1})
-    err = error(r, 422, "temperature")
+    err = error(r, 400, "temperature")
     assert err["field"] == "temperature"
     r = await api.client.post("/v1/completions", headers=headers, json={"prompt": "x"})
-    assert error(r, 422, "model")["field"] == "model"
+    assert error(r, 400, "model")["field"] == "model"
     # unknown task, bad task name
     error(await api.client.post("/v1/completions", headers=headers,
                                 json={"model": "nope", "prompt": "x"}), 404, "nope")

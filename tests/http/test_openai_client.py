@@ -1,6 +1,10 @@
 """The official ``openai`` client against the live server: ``max_completion_tokens``,
 logprobs with their top alternatives (equal to an independent log-softmax of the reference
-model), the ``include_usage`` chunk, and model objects."""
+model), the ``include_usage`` chunk, model objects, and the fields tessera refuses (400,
+with ``param`` and ``code`` as the client exposes them). More OpenAI behaviour:
+``test_openai_choices.py`` (n, prompt batches, echo, chat text parts),
+``test_openai_sampling.py`` (penalties, logit_bias, min_tokens), ``test_openai_errors.py``
+(the error shape), ``test_openai_lora.py`` (vLLM's runtime LoRA endpoints)."""
 
 from __future__ import annotations
 
@@ -8,10 +12,11 @@ from typing import Any
 
 import pytest
 import torch
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, BadRequestError
 
 from tests.engine.conftest import Reference
-from tests.http.conftest import Api, LiveServer
+from tests.http.conftest import Api
+from tests.live import LiveServer
 
 
 def log_softmax_steps(reference: Reference, prompt_ids: list[int], tokens: list[int]
@@ -97,22 +102,23 @@ async def test_model_objects(client: AsyncOpenAI, live: LiveServer) -> None:
 
 @pytest.mark.parametrize("extra", [
     {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-    {"response_format": {"type": "json_object"}}, {"n": 2}, {"presence_penalty": 0.5},
-    {"logit_bias": {"5": 10}}])
+    {"response_format": {"type": "json_object"}}, {"best_of": 2}, {"suffix": "!"},
+    {"echo": True}])  # echo: a completions field, vLLM's own on chat (not implemented)
 async def test_an_unsupported_field_is_refused_naming_it(client: AsyncOpenAI,
                                                          extra: dict[str, Any]) -> None:
     messages: Any = [{"role": "user", "content": "hello"}]
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(BadRequestError) as caught:
         await client.chat.completions.create(model="base", messages=messages, max_tokens=2,
                                              extra_body=extra)
-    assert getattr(caught.value, "status_code", None) == 400
-    error: Any = getattr(caught.value, "body", None)  # the client unwraps {"error": ...}
     field = next(iter(extra))
-    assert error["type"] == "unsupported_field" and error["field"] == field
-    assert field in error["message"]
+    error = caught.value
+    assert error.status_code == 400
+    assert error.param == field and error.code == "unsupported_field"
+    assert field in error.message
 
 
 async def test_neutral_values_of_unsupported_fields_are_accepted(client: AsyncOpenAI) -> None:
-    r = await client.completions.create(model="base", prompt="hi", max_tokens=2, n=1,
-                                        presence_penalty=0, echo=False)
+    r = await client.completions.create(model="base", prompt="hi", max_tokens=2, best_of=1,
+                                        presence_penalty=0, echo=False,
+                                        extra_body={"suffix": None})
     assert r.usage is not None and r.usage.completion_tokens <= 2
