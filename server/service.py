@@ -110,14 +110,14 @@ class Service:
                                          expected_revision=body.expected_revision)
 
     async def versions(self, tenant: str, name: str) -> list[AdapterVersion]:
-        found = await self.store.store.list_versions(tenant, name)
+        found = await self.store.list_versions(tenant, name)
         if not found:
             raise not_found(f"adapter {name!r} not found")
         return found
 
     async def task(self, tenant: str, task: str) -> Binding:
         check_name(task, "task")
-        binding = await self.store.store.get_binding(tenant, task)
+        binding = await self.store.get_binding(tenant, task)
         if binding is None:
             raise not_found(f"task {task!r} not found")
         return binding

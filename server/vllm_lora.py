@@ -112,7 +112,7 @@ async def load(service: Service, tenant: str, name: str, lora_path: str, *,
     root = service.settings.lora_adapter_root
     if root is None:
         raise disabled()
-    store = service.store.store
+    store = service.store
     revision = await store.task_revision(tenant, name)
     if not in_place and await store.get_binding(tenant, name) is not None:
         raise ApiError(400, "already_loaded", f"the LoRA adapter {name!r} has already been "

@@ -36,6 +36,8 @@ from tessera.store.models import (
     TENANT_DELETED,
     AdapterVersion,
     Binding,
+    HypernetVersion,
+    Tenant,
 )
 from tessera.store.store import AdapterStore
 from tessera.store.tenants import hash_api_key
@@ -302,6 +304,43 @@ class CachedStore:
             metadata=metadata)
         self._versions.put((tenant, name, record.version), record)
         return record
+
+    # --- uncached records (bounded: an outage fails fast, as every call here does) -----
+    async def create_tenant(self, name: str) -> tuple[Tenant, str]:
+        return await self._write(f"create tenant {name}", lambda: self.store.create_tenant(name))
+
+    async def list_adapters(self, tenant: str) -> list[str]:
+        return await self._bounded(f"list adapters of {tenant}",
+                                   lambda: self.store.list_adapters(tenant))
+
+    async def list_versions(self, tenant: str, name: str) -> list[AdapterVersion]:
+        return await self._bounded(f"list versions of {tenant}/{name}",
+                                   lambda: self.store.list_versions(tenant, name))
+
+    async def list_tasks(self, tenant: str) -> list[Binding]:
+        return await self._bounded(f"list tasks of {tenant}",
+                                   lambda: self.store.list_tasks(tenant))
+
+    async def get_binding(self, tenant: str, task: str) -> Binding | None:
+        """The task's binding as Redis has it now (uncached: admin reads, not serving)."""
+        return await self._bounded(f"read task {tenant}/{task}",
+                                   lambda: self.store.get_binding(tenant, task))
+
+    async def task_revision(self, tenant: str, task: str) -> int:
+        return await self._bounded(f"read task {tenant}/{task}",
+                                   lambda: self.store.task_revision(tenant, task))
+
+    async def list_hypernets(self, tenant: str) -> list[str]:
+        return await self._bounded(f"list hypernetworks of {tenant}",
+                                   lambda: self.store.list_hypernets(tenant))
+
+    async def get_hypernet(self, tenant: str, name: str, version: int) -> HypernetVersion:
+        return await self._bounded(f"read hypernetwork {tenant}/{name} v{version}",
+                                   lambda: self.store.get_hypernet(tenant, name, version))
+
+    async def delete_hypernet_version(self, tenant: str, name: str, version: int) -> None:
+        await self._write(f"delete hypernetwork {tenant}/{name} v{version}",
+                          lambda: self.store.delete_hypernet_version(tenant, name, version))
 
     async def delete_version(self, tenant: str, name: str, version: int) -> None:
         await self._write(f"delete {tenant}/{name} v{version}",

@@ -42,13 +42,13 @@ async def upload_hypernetwork(name: HypernetParam, request: Request, tenant: Ten
 
 @router.get("")
 async def list_hypernetworks(tenant: TenantName, service: Svc) -> HypernetList:
-    return HypernetList(hypernetworks=await service.store.store.list_hypernets(tenant))
+    return HypernetList(hypernetworks=await service.store.list_hypernets(tenant))
 
 
 @router.get("/{name}/versions/{version}", responses=errors(400, 404, 422))
 async def get_hypernetwork(name: HypernetParam, version: VersionParam, tenant: TenantName,
                            service: Svc) -> HypernetOut:
-    return HypernetOut.of(await service.store.store.get_hypernet(tenant, name, version))
+    return HypernetOut.of(await service.store.get_hypernet(tenant, name, version))
 
 
 @router.post("/{name}/versions/{version}/tasks/{task}", status_code=201,
@@ -70,5 +70,5 @@ async def register_task(name: HypernetParam, version: VersionParam, task: TaskPa
                 responses=errors(400, 404, 409, 422))
 async def delete_hypernetwork_version(name: HypernetParam, version: VersionParam,
                                       tenant: TenantName, service: Svc) -> Response:
-    await service.store.store.delete_hypernet_version(tenant, name, version)
+    await service.store.delete_hypernet_version(tenant, name, version)
     return Response(status_code=204)

@@ -256,7 +256,7 @@ def _card(service: Service, model: str, owner: str) -> ModelCard:
 
 @router.get("/models", tags=OPENAI)
 async def models(tenant: TenantName, service: Svc) -> ModelList:
-    tasks = await service.store.store.list_tasks(tenant)
+    tasks = await service.store.list_tasks(tenant)
     cards = [_card(service, service.settings.base_alias, "tessera")]
     cards += [_card(service, b.task, tenant) for b in tasks]
     return ModelList(data=cards)

@@ -45,7 +45,7 @@ ADAPTER_UPLOAD = multipart(
 
 @router.post("/tenants", status_code=201, responses=errors(400, 409, 413, 422))
 async def create_tenant(body: TenantCreate, _: Admin, service: Svc) -> TenantCreated:
-    tenant, api_key = await service.store.store.create_tenant(body.name)
+    tenant, api_key = await service.store.create_tenant(body.name)
     return TenantCreated(name=tenant.name, api_key=api_key)
 
 
@@ -64,7 +64,7 @@ async def upload_adapter(name: AdapterParam, request: Request, tenant: TenantNam
 
 @router.get("/adapters")
 async def list_adapters(tenant: TenantName, service: Svc) -> AdapterList:
-    return AdapterList(adapters=await service.store.store.list_adapters(tenant))
+    return AdapterList(adapters=await service.store.list_adapters(tenant))
 
 
 @router.get("/adapters/{name}", responses=errors(400, 404, 422))
@@ -99,7 +99,7 @@ async def deactivate(task: TaskParam, tenant: TenantName, service: Svc,
 
 @router.get("/tasks")
 async def list_tasks(tenant: TenantName, service: Svc) -> TaskList:
-    return TaskList(tasks=[TaskOut.of(b) for b in await service.store.store.list_tasks(tenant)])
+    return TaskList(tasks=[TaskOut.of(b) for b in await service.store.list_tasks(tenant)])
 
 
 @router.get("/tasks/{task}", responses=errors(400, 404, 422))
