@@ -191,7 +191,8 @@ class Engine:
                        max_tokens=max_tokens,
                        sampler=Sampler(params, prompt, base.eos_token_ids,
                                        int(base.model.config.vocab_size)),
-                       stream=TextStream(base.decode, params.stop, prompt),
+                       stream=TextStream(base.decode, params.stop, prompt,
+                                         min_tokens=params.min_tokens),
                        key=adapter.key if adapter else None,
                        loader=adapter.loader if adapter else None,
                        ignore_eos=params.ignore_eos, submitted_at=time.monotonic())

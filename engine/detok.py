@@ -3,7 +3,9 @@
 Text is decoded from a window of recent ids (the prefix/read offsets of TGI and vLLM) so a
 token that completes a multi-byte character or changes how its neighbour decodes is
 handled, and a step costs O(window), not O(generated). Text that could still be the start
-of a stop sequence is held back, so a stop string never leaks to the client.
+of a stop sequence is held back, so a stop string never leaks to the client. Stop strings
+count from the ``min_tokens``-th generated token on (vLLM's rule): one that ends earlier
+is text like any other.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
 
 class TextStream:
     def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = (),
-                 prompt_ids: Sequence[int] = ()) -> None:
+                 prompt_ids: Sequence[int] = (), min_tokens: int = 0) -> None:
         self._decode = decode
+        self.min_tokens = min_tokens
         self.stop = tuple(s for s in stop if s)
         self._max_stop = max((len(s) for s in self.stop), default=0)
         # A few prompt ids seed the window so the first token decodes in context (a
@@ -41,7 +44,7 @@ class TextStream:
         if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT):
             self.text += new_text[len(prefix_text):]
             self._prefix, self._read = self._read, len(self.ids)
-        if not self.stop:
+        if not self.stop or len(self.ids) - self._generated_start < self.min_tokens:
             return self._take(len(self.text))
         start = max(0, before - self._max_stop + 1)
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]

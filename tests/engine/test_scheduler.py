@@ -189,6 +189,17 @@ def test_text_stream_holds_back_possible_stop_starts() -> None:
     assert "".join(deltas) == "xxSTx"
 
 
+def test_text_stream_applies_stops_from_min_tokens_on() -> None:
+    """A stop string ending before the ``min_tokens``-th token is ordinary text (vLLM)."""
+    stream = TextStream(utf8, stop=["ST"], min_tokens=4)
+    deltas, _ = stream_all(stream, b"aSTbSTc")
+    assert stream.stopped and stream.text == "aSTb"  # the first "ST" ended at token 3
+    assert "".join(deltas) == "aSTb"
+    early = TextStream(utf8, stop=["ST"], min_tokens=3)
+    stream_all(early, b"aSTbSTc")
+    assert early.text == "a"  # the first "ST" ends at token 3: it counts
+
+
 def test_text_stream_without_stop_flushes_incomplete_bytes() -> None:
     deltas, text = stream_all(TextStream(utf8), b"ok\xe4\xb8")
     assert "".join(deltas) == "ok" and text == "ok\ufffd"
