@@ -53,7 +53,7 @@ def create_app(settings: ServerSettings, *, engine: Engine | None = None,
             app.state.service = service = Service(settings, eng, cached, metrics)
             metrics.attach(eng, model_of=service.model_of)
             metrics.bind_host_cache(cached.cache.stats)
-            metrics.bind_store(handle.embedded_stats)
+            metrics.bind_store(handle.embedded_stats, available=lambda: cached.available)
             service.hyper.on_generation.append(metrics.observe_generation)
             log.info("tessera serving", extra={"model": eng.base.name})
             yield

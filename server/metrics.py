@@ -194,10 +194,13 @@ class Metrics:
     def bind_host_cache(self, stats: Callable[[], CacheStats]) -> None:
         self._state.cache = stats
 
-    def bind_store(self, stats: Callable[[], EmbeddedStats | None]) -> None:
+    def bind_store(self, stats: Callable[[], EmbeddedStats | None],
+                   available: Callable[[], bool] | None = None) -> None:
         """``stats()`` (``handle.embedded_stats``): the embedded redis-server's state; None
-        (an external Redis) means no such series."""
+        (an external Redis) means no such series. ``available()`` (the cached store's):
+        Redis answers, whichever kind it is (``tessera_store_available``)."""
         self._state.store = stats
+        self._state.available = available
 
     def bind_merged(self, is_merged: Callable[[str], bool]) -> None:
         """``is_merged(key)``: the hot-tenant policy serves ``key``'s rows merged."""
@@ -264,6 +267,7 @@ class _StateCollector(Collector):
         self.cache: Callable[[], CacheStats] | None = None
         self.store: Callable[[], EmbeddedStats | None] | None = None
         self.model_of: Callable[[str], str | None] = lambda key: None
+        self.available: Callable[[], bool] | None = None
 
     def describe(self) -> Iterable[Metric]:
         return []  # families depend on what is bound; collect() is cheap and side-free
@@ -290,6 +294,10 @@ class _StateCollector(Collector):
             yield resident
         if self.store is not None and (embedded := self.store()) is not None:
             yield from _store_families(embedded)
+        if self.available is not None:
+            yield _gauge("tessera_store_available",
+                         "1 while Redis answers this replica (external or embedded), else 0",
+                         1.0 if self.available() else 0.0)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -309,7 +309,7 @@ def test_metric_names_and_labels_exist_in_the_app(exposition: str) -> None:
                 if "outcome" in matchers:
                     assert matchers["outcome"] in OUTCOMES, (where, matchers)
     assert {"tessera:num_requests_waiting", "tessera_requests_total",
-            "tessera_slot_load_failures_total", "tessera_embedded_redis_up",
+            "tessera_slot_load_failures_total", "tessera_store_available",
             "tessera_request_queue_time_seconds_bucket"} <= checked
 
 
