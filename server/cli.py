@@ -7,6 +7,7 @@
     tessera upload NAME PATH | --config C --weights W   # tenant key
     tessera activate TASK ADAPTER VERSION           # tenant key
     tessera list {adapters,tasks}                   # tenant key
+    tessera train METHOD --data FILE --out DIR [...]  # fine-tune an adapter (torch)
 
 ``serve`` takes its settings from ``TESSERA_*`` / ``TESSERA_STORE_*`` environment
 variables (see :class:`tessera.server.server_settings.ServerSettings`); a flag given on the command
@@ -22,7 +23,8 @@ The admin commands talk to a running server over HTTP through
 ``http://127.0.0.1:8000``) and ``--key`` (default ``TESSERA_ADMIN_KEY`` for
 ``create-tenant``, ``TESSERA_API_KEY`` otherwise). Output is the server's JSON (``list``:
 each adapter with its versions). This module imports no torch, transformers, pydantic or
-settings at module level — only ``serve`` loads them — so the admin commands start fast.
+settings at module level — only ``serve`` and ``train`` load them — so the admin commands
+start fast. ``train`` is :mod:`tessera.train.command` (its options: ``tessera train --help``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from tessera.server.client import (
     TesseraConnectionError,
     TesseraError,
 )
+from tessera.train import command as train_command
 
 if TYPE_CHECKING:  # the settings import torch (tessera.engine.settings): loaded by `serve` only
     from tessera.server.server_settings import ServerSettings
@@ -101,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     activate.add_argument("version", type=int)
     listing = client("list", "list your adapters or tasks", "TESSERA_API_KEY")
     listing.add_argument("what", choices=("adapters", "tasks"), nargs="?", default="adapters")
+    train_command.add_parser(commands)
     return parser
 
 
@@ -166,6 +170,15 @@ def serve(args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
+# --- train ---------------------------------------------------------------------------------
+def train(args: argparse.Namespace) -> Any:
+    """``tessera train``: logs like ``serve`` (text on a terminal), the summary on stdout."""
+    from tessera.server.logs import configure_logging, json_format_of
+
+    configure_logging("info", json_format=json_format_of("auto"))
+    return train_command.run(args)
+
+
 # --- admin client --------------------------------------------------------------------------
 def client_host(host: str) -> str:
     """The address a client on this machine uses for a server bound to ``host``."""
@@ -221,8 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
-        answer = admin(args)
-    except (CliError, TesseraError, TesseraConnectionError) as exc:
+        answer = train(args) if args.command == "train" else admin(args)
+    except (CliError, TesseraError, TesseraConnectionError,
+            train_command.TrainCommandError) as exc:
         sys.stderr.write(f"tessera: {exc}\n")
         return 1
     sys.stdout.write(json.dumps(answer, indent=2) + "\n")
