@@ -8,6 +8,7 @@
     tessera activate TASK ADAPTER VERSION           # tenant key
     tessera list {adapters,tasks}                   # tenant key
     tessera train METHOD --data FILE --out DIR [...]  # fine-tune an adapter (torch)
+    tessera demo [--examples N] [--json FILE]      # demo adapters of every method, served
 
 ``serve`` takes its settings from ``TESSERA_*`` / ``TESSERA_STORE_*`` environment
 variables (see :class:`tessera.server.server_settings.ServerSettings`); a flag given on the command
@@ -46,6 +47,7 @@ from tessera.server.client import (
     TesseraError,
 )
 from tessera.train import command as train_command
+from tessera.train import demo as demo_command
 
 if TYPE_CHECKING:  # the settings import torch (tessera.engine.settings): loaded by `serve` only
     from tessera.server.server_settings import ServerSettings
@@ -105,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = client("list", "list your adapters or tasks", "TESSERA_API_KEY")
     listing.add_argument("what", choices=("adapters", "tasks"), nargs="?", default="adapters")
     train_command.add_parser(commands)
+    demo_command.add_parser(commands)
     return parser
 
 
@@ -179,6 +182,17 @@ def train(args: argparse.Namespace) -> Any:
     return train_command.run(args)
 
 
+# --- demo ----------------------------------------------------------------------------------
+def demo(args: argparse.Namespace) -> int:
+    """``tessera demo`` (:mod:`tessera.train.demo`): prints its own table."""
+    try:
+        demo_command.run(args)
+    except demo_command.DemoError as exc:
+        sys.stderr.write(f"tessera demo: {exc}\n")
+        return 1
+    return 0
+
+
 # --- admin client --------------------------------------------------------------------------
 def client_host(host: str) -> str:
     """The address a client on this machine uses for a server bound to ``host``."""
@@ -234,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "demo":
+            return demo(args)
         answer = train(args) if args.command == "train" else admin(args)
     except (CliError, TesseraError, TesseraConnectionError,
             train_command.TrainCommandError) as exc:
