@@ -31,8 +31,23 @@ def refuse_unsafe_name(filename: str) -> None:
                                 "upload safetensors")
 
 
+def looks_safetensors(data: bytes) -> bool:
+    """A header length that fits the payload, then the header's opening brace."""
+    if len(data) < 9:
+        return False
+    (size,) = struct.unpack("<Q", data[:8])
+    return 2 <= size <= min(MAX_HEADER_BYTES, len(data) - 8) and data[8:9] == b"{"
+
+
 def looks_pickled(data: bytes) -> bool:
-    """Pickle protocol 2+ starts with 0x80; ``torch.save`` archives are zip files."""
+    """Pickle protocol 2+ starts with 0x80; ``torch.save`` archives are zip files.
+
+    Safetensors is recognised first: its first byte is the low byte of the header length,
+    0x80 for one header in 256 lengths, and such a file is not a pickle. A pickle cannot
+    pass as safetensors: its bytes 1-7 (protocol, opcodes) read as a length far beyond
+    any payload."""
+    if looks_safetensors(data):
+        return False
     return data[:1] == b"\x80" or data[:4] == b"PK\x03\x04"
 
 

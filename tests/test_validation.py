@@ -289,6 +289,27 @@ def test_pickle_payload_is_refused(protocol: int) -> None:
         read_safetensors(payload, what="adapter_model.bin")
 
 
+def test_large_pickle_is_refused() -> None:
+    # protocol 4+ frames: bytes 3-10 hold the frame length; still no safetensors header
+    payload = pickle.dumps(b"\x00" * (16 << 20), protocol=5)
+    with pytest.raises(UnsafeFormatError, match="payload is a pickle"):
+        read_safetensors(payload)
+
+
+def test_safetensors_whose_first_byte_is_the_pickle_marker_loads() -> None:
+    # the first byte is the header length's low byte: 0x80 for one length in 256
+    found = 0
+    for n in range(1, 600):
+        tensors = {"w" * n: torch.arange(3.0)}
+        data = write_safetensors(tensors, {"format": "pt"})
+        if data[:1] == b"\x80":
+            found += 1
+            loaded, metadata = read_safetensors(data)
+            assert torch.equal(loaded["w" * n], tensors["w" * n]), n
+            assert metadata == {"format": "pt"}
+    assert found >= 2
+
+
 @pytest.mark.parametrize("zipfile", [True, False])
 def test_torch_save_payload_is_refused(zipfile: bool) -> None:
     buffer = io.BytesIO()

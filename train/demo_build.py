@@ -23,7 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from safetensors import safe_open
 
-from tessera.adapters.safeio import looks_pickled, write_safetensors
+from tessera.adapters.safeio import write_safetensors
 from tessera.engine import builtin
 from tessera.train import demo_eval, tasks
 from tessera.train.base import Base, load_base
@@ -95,32 +95,13 @@ NEW_TASK: str | None = None
 NEW_TASK_STEPS, NEW_TASK_LR = 300, 3e-2
 
 
-def safetensors_bytes(tensors: Mapping[str, torch.Tensor],
-                      metadata: Mapping[str, str] | None) -> bytes:
-    """``write_safetensors``, padded so the payload never starts with 0x80.
-
-    A safetensors file starts with its header length (8 bytes, little-endian); one whose
-    length is 0x80 mod 256 starts with the byte that ``tessera.adapters.safeio.looks_pickled``
-    takes for a pickle protocol marker, and every loader (the server's upload too) refuses
-    it. A metadata entry of spaces moves the length off that value."""
-    meta = dict(metadata or {})
-    data = write_safetensors(tensors, meta or None)
-    pad = 0
-    while looks_pickled(data):
-        pad += 1
-        data = write_safetensors(tensors, {**meta, "pad": " " * pad})
-    return data
-
-
-def cast_file(path: Path, dtype: torch.dtype | None = None) -> None:
-    """Rewrite a safetensors file with every tensor in ``dtype`` (None: as they are);
-    keys and metadata kept, padded as :func:`safetensors_bytes` says."""
-    # our own training output: safetensors, read without the (mistaken) pickle check
+def cast_file(path: Path, dtype: torch.dtype) -> None:
+    """Rewrite a safetensors file with every tensor in ``dtype``; keys and metadata kept."""
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no __iter__)
         metadata = f.metadata() or {}
-    cast = {k: v.to(dtype) if dtype is not None else v for k, v in tensors.items()}
-    path.write_bytes(safetensors_bytes(cast, metadata))
+    cast = {k: v.to(dtype) for k, v in tensors.items()}
+    path.write_bytes(write_safetensors(cast, metadata or None))
 
 
 def copy_artifact(src: Path, dst: Path) -> None:
@@ -131,7 +112,6 @@ def copy_artifact(src: Path, dst: Path) -> None:
     for name in ARTIFACT_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-    cast_file(weights_file(dst))  # padded if needed (see safetensors_bytes)
 
 
 def weights_file(folder: Path) -> Path:
@@ -228,7 +208,6 @@ def build_new_task(ctx: Context, hyper_folder: Path, task: str) -> NewTask:
     seconds = time.perf_counter() - start
     name = f"{task}.embedding.safetensors"
     shutil.copy2(ctx.scratch / "new-task" / "embedding.safetensors", hyper_folder / name)
-    cast_file(hyper_folder / name)
     hypernet = demo_eval.load_hyper(hyper_folder, (task, hyper_folder / name))
     result = demo_eval.accuracy(ctx.base, demo_eval.hyper_adapter(hypernet, task, ctx.base),
                                 ctx.held_out(task))
