@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.adapters.banks.base import Bank
-from tessera.adapters.plan import StepMeta
+from tessera.adapters.plan import Routing, StepMeta
 from tessera.adapters.targets import TargetInfo, bias_of, weight_of
 
 STAGES = ("input", "delta", "scale", "output")
@@ -56,16 +56,34 @@ class AdapterLayer(nn.Module):
         late_bias = bias is not None and any(b.stage == "scale" for b in banks)
         y = F.linear(x_in, weight if hot is None else hot.weight,
                      None if late_bias else bias)  # [N, out]
-        if hot is not None and not routing.all_hot and routing.hot is not None:
-            # the other tokens get W0 x_in back: W_hot x - up (down x), before their banks
-            low = (x_in @ hot.down.t()).masked_fill(routing.hot.unsqueeze(1), 0)  # [N, r]
-            y = torch.addmm(y, low, hot.up.t(), alpha=-1.0)  # [N, out]
+        if hot is None:
+            y = self._after_base(banks, y, x_in, weight, routing, bias if late_bias else None)
+        elif routing.cold is not None:
+            # only the other tokens: W0 x_in back (W_hot x - up (down x)), then their banks
+            cold, sub = routing.cold  # [C], their routing
+            xc = x_in.index_select(0, cold)  # [C, in]
+            yc = torch.addmm(y.index_select(0, cold), xc @ hot.down.t(), hot.up.t(),
+                             alpha=-1.0)  # [C, out]
+            yc = self._after_base(banks, yc, xc, weight, sub, bias if late_bias else None)
+            if late_bias and bias is not None:
+                y = y + bias  # the hot tokens' bias (the others' are in yc)
+            y = y.index_copy(0, cold, yc)  # [N, out]
+        elif late_bias and bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], self.target.out_features)
+
+    @staticmethod
+    def _after_base(banks: list[Bank], y: torch.Tensor, x_in: torch.Tensor,
+                    weight: torch.Tensor, routing: Routing, late_bias: torch.Tensor | None
+                    ) -> torch.Tensor:
+        """The delta and scale banks on ``y = W0 x_in`` ``[n, out]``, the bias where a scale
+        bank kept it back, then the output banks."""
         for bank in banks:
             if bank.stage in ("delta", "scale"):
                 y = bank.apply(y, x_in, weight, routing)
-        if late_bias and bias is not None:
-            y = y + bias
+        if late_bias is not None:
+            y = y + late_bias
         for bank in banks:
             if bank.stage == "output":
                 y = bank.apply(y, x_in, weight, routing)
-        return y.reshape(*x.shape[:-1], self.target.out_features)
+        return y

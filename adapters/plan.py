@@ -63,6 +63,12 @@ class Routing:
         self.unique_set = frozenset(self.unique)
         self.gather_budget = gather_budget
         self.num_slots = num_slots
+        # With a hot merge beside other tokens: those tokens (``[C]``) and their own routing,
+        # so the banks and the correction run on them alone (the hot tokens need neither).
+        self.cold: tuple[torch.Tensor, Routing] | None = None
+        if hot is not None and not all_hot:
+            cold = torch.nonzero(~hot).flatten()  # [C]: the forward's second host sync
+            self.cold = (cold, Routing(slots.index_select(0, cold), num_slots, gather_budget))
         self._rows: dict[int, torch.Tensor] = {}
         self._membership: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._segments: dict[tuple[int, ...], Segments] = {}

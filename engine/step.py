@@ -130,8 +130,11 @@ class Stepper:
         self.pool = pool
         self.budget = budget
         self.model = base.model
-        self.main = Group(BatchCache(limit=budget.tokens))
+        self.main = Group(self._batch_cache())
         self.hot_key: str | None = None  # adapter of the hot merge installed in the pool
+
+    def _batch_cache(self) -> BatchCache:
+        return BatchCache(limit=self.budget.tokens, grouped=self.base.grouped_attention)
 
     @property
     def running(self) -> list[Row]:
@@ -183,7 +186,7 @@ class Stepper:
         return result
 
     def clear(self) -> None:
-        self.main = Group(BatchCache(limit=self.budget.tokens))
+        self.main = Group(self._batch_cache())
 
     # --- KV budget (read and decided on the loop while no step runs) --------------------
     def kv_in_use(self) -> int:
@@ -241,10 +244,9 @@ class Stepper:
         rows = group.rows
         ids = torch.tensor([[s.last_token] for s in rows], dtype=torch.long,
                            device=self.base.device)  # [B, 1]
-        cache, attention, positions = group.cache.step_inputs()
+        inputs = group.cache.step_inputs()
         with self._route(rows):  # slot per row [B]
-            out = self.model(input_ids=ids, attention_mask=attention,
-                              position_ids=positions, cache=cache, use_cache=True)
+            out = self.model(input_ids=ids, **inputs.kwargs())
         group.cache.advance()
         return out.logits[:, -1, :]  # type: ignore[no-any-return]  # [B, V]
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
 import torch
 
 from tessera.adapters import Adapter, AdapterValidationError, Component
+from tessera.engine import kvcache
+from tessera.engine.attention import DecodePlan
 from tessera.engine.errors import (
     AdapterLoadError,
     ContextLengthError,
@@ -274,9 +277,19 @@ async def test_events_carry_the_models_logprobs(make_engine: EngineFactory,
 
 
 async def test_a_long_row_beside_short_rows_joining_and_leaving(
-        make_engine: EngineFactory, adapters: dict[str, Adapter], reference: Reference) -> None:
+        make_engine: EngineFactory, adapters: dict[str, Adapter], reference: Reference,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A 1,000-token row beside 10-token rows that join and leave on different steps:
-    every row equals the reference; the slab grows as needed."""
+    every row equals the reference; the slab grows as needed; the decode attention ran
+    grouped by length (the short rows did not attend over the long row's width)."""
+    plans: list[DecodePlan | None] = []
+    real = kvcache.plan
+
+    def spy(*args: Any, **kwargs: Any) -> DecodePlan | None:
+        plans.append(found := real(*args, **kwargs))
+        return found
+
+    monkeypatch.setattr(kvcache, "plan", spy)
     engine = await make_engine(prefill_chunk=256)
     gen = torch.Generator().manual_seed(5)
     long_prompt = torch.randint(3, 200, (1000,), generator=gen).tolist()
@@ -294,3 +307,4 @@ async def test_a_long_row_beside_short_rows_joining_and_leaving(
     for (prompt, n, name), result in zip(jobs, results, strict=True):
         assert result.token_ids == reference.greedy(adapters[name] if name else None,
                                                     prompt, n), (len(prompt), name)
+    assert any(p is not None and len(p.groups) > 1 for p in plans)
