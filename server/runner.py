@@ -9,20 +9,29 @@ requests get ``drain_timeout_s`` to finish, the rest end with finish reason
 ``shutdown`` — a final chunk and ``[DONE]`` on every stream — and only then does uvicorn
 close the connections (its own wait is the drain plus a short grace for the last bytes).
 
-The CLI's ``serve`` and the tests' live server both run this class. Logging is the
-application's: by default (``log_config=None``) uvicorn installs no handlers of its own and
-its loggers propagate to the root logger (:func:`tessera.server.logs.configure_logging` in the CLI);
-pass uvicorn's ``LOGGING_CONFIG`` (or a file name) to have uvicorn configure them itself.
+The CLI's ``serve`` runs this class; :class:`BackgroundServer` runs it in a thread of the
+calling process (the demo's server, the tests' live server, the HTTP benchmarks).
+
+Logging is the application's: by default (``log_config=None``) uvicorn installs no handlers
+of its own and its loggers propagate to the root logger
+(:func:`tessera.server.logs.configure_logging` in the CLI); pass uvicorn's
+``LOGGING_CONFIG`` (or a file name) to have uvicorn configure them itself.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from typing import Any
+import threading
+import time
+from typing import Any, Self
 
 import uvicorn
 from fastapi import FastAPI
+
+from tessera.server.app import create_app
+from tessera.server.server_settings import ServerSettings
+from tessera.store.embedded import free_port
 
 log = logging.getLogger(__name__)
 
@@ -49,3 +58,35 @@ class TesseraServer(uvicorn.Server):
             except Exception:  # the shutdown goes on whatever the drain did
                 log.exception("engine drain failed")
         await super().shutdown(sockets)
+
+
+class BackgroundServer:
+    """``create_app(settings)`` under :class:`TesseraServer` on ``127.0.0.1:port`` (a free
+    one unless given), in a daemon thread of this process: a context manager whose ``url``
+    accepts once entered, and whose exit drains and stops it. In-process so the caller can
+    reach ``app.state`` (the engine, the service) while clients talk real HTTP."""
+
+    def __init__(self, settings: ServerSettings, port: int | None = None, *,
+                 start_timeout_s: float = 300, thread_name: str = "uvicorn") -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = create_app(settings)
+        self.start_timeout_s = start_timeout_s
+        self.server = TesseraServer(self.app, host="127.0.0.1", port=self.port,
+                                    log_level="warning",
+                                    drain_timeout_s=settings.engine.drain_timeout_s)
+        self.thread = threading.Thread(target=self.server.run, name=thread_name, daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.server.should_exit = True  # a slow start must not come up later
+                raise RuntimeError("the server did not start (its log above says why)")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)

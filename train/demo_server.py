@@ -11,8 +11,6 @@ to it over real HTTP on a loopback port.
 from __future__ import annotations
 
 import statistics
-import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +20,8 @@ import httpx
 
 from tessera.engine.scheduler import StepReport
 from tessera.engine.settings import EngineSettings
-from tessera.server.app import create_app
-from tessera.server.runner import TesseraServer
+from tessera.server.runner import BackgroundServer
 from tessera.server.server_settings import ServerSettings
-from tessera.store.embedded import free_port
 from tessera.store.settings import StoreSettings
 
 
@@ -87,34 +83,14 @@ class BatchLog:
         }
 
 
-class DemoServer:
-    """``create_app(settings)`` served on ``127.0.0.1:port`` from a daemon thread."""
+class DemoServer(BackgroundServer):
+    """``create_app(settings)`` served on ``127.0.0.1:port`` from a daemon thread, with the
+    demo's views of it: the forward steps it runs and its ``/metrics``."""
 
     def __init__(self, settings: ServerSettings, port: int | None = None,
                  start_timeout_s: float = 300) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.app = create_app(settings)
-        self.start_timeout_s = start_timeout_s
-        self.server = TesseraServer(self.app, host="127.0.0.1", port=self.port,
-                                    log_level="warning",
-                                    drain_timeout_s=settings.engine.drain_timeout_s)
-        self.thread = threading.Thread(target=self.server.run, name="tessera-demo-server",
-                                       daemon=True)
-
-    def __enter__(self) -> DemoServer:
-        self.thread.start()
-        deadline = time.monotonic() + self.start_timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                self.server.should_exit = True
-                raise RuntimeError("the server did not start (its log above says why)")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
+        super().__init__(settings, port, start_timeout_s=start_timeout_s,
+                         thread_name="tessera-demo-server")
 
     def record_batches(self, labels: Mapping[str, str]) -> BatchLog:
         """Record every forward step from now on; ``labels``: task name -> method."""

@@ -3,11 +3,12 @@ task embedding trained against a frozen hypernetwork (the paper's way to add a t
 
 Each step generates every task's adapter with the server's own code — the batched
 generator :func:`tessera.adapters.hypernet.generate_batched` and the assembly of the
-generated tensors into LoRA (attention q, v) and bottleneck (with LayerNorm) components of
-:mod:`tessera.adapters.methods.hyperloader` — inside the autograd graph, routes the training
-copy through it and sums the tasks' completion losses (one sub-batch per task: the same
-gradient as a mixed batch). Generated weights depend only on (task, layer, position), so
-what the server generates from the saved hypernetwork is exactly what was trained.
+generated tensors into LoRA (attention q, v) and bottleneck (with LayerNorm) components,
+:func:`tessera.adapters.methods.hyperloader.assemble` — inside the autograd graph, routes
+the training copy through it and sums the tasks' completion losses (one sub-batch per
+task: the same gradient as a mixed batch). Generated weights depend only on (task, layer,
+position), so what the server generates from the saved hypernetwork is exactly what was
+trained.
 
 Init: the registered generator's random init (normal, std 0.02), with the heads that
 produce ``lora_B`` and the bottleneck LayerNorm's weight and bias set to zero, so every
@@ -88,9 +89,7 @@ def generated_adapter(hypernet_config: HyperLoaderConfig, weights: Mapping[str, 
     """Task ``z``'s adapter, differentiable w.r.t. ``weights`` and ``z`` (the generator's
     batched path and its assembly into LoRA + bottleneck, as the server runs them)."""
     generated = list(zip(sites, generate_batched(weights, z, sites), strict=True))
-    # the generator's own assembly (module-private there: it has no public name yet)
-    return Adapter((hl._lora(hypernet_config, generated),
-                    hl._bottleneck(hypernet_config, generated)))
+    return hl.assemble(hypernet_config, generated)
 
 
 def _parse_task(name: str) -> str:

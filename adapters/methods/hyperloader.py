@@ -4,10 +4,11 @@ and v, bottleneck adapters with LayerNorm after the attention output projection 
 the MLP down projection), for every transformer layer.
 
 The math, the config and the weight schema live in :mod:`tessera.adapters.hypernet`; this file
-assembles generated tensors into method components and registers the generator. The result
-is generated once per task (it depends only on (task, layer, position)), cached by the
-server like any uploaded adapter and served by the pool through the ``lowrank`` and
-``bottleneck`` banks. Its LoRA part is mergeable; its bottleneck part is not.
+assembles generated tensors into method components (:func:`assemble`, which training also
+runs, inside its autograd graph) and registers the generator. The result is generated once
+per task (it depends only on (task, layer, position)), cached by the server like any
+uploaded adapter and served by the pool through the ``lowrank`` and ``bottleneck`` banks.
+Its LoRA part is mergeable; its bottleneck part is not.
 
 Defaults target Llama/Qwen2/Mistral names; GPT-2 uses ``lora_targets=["c_attn"]``,
 ``fused_qkv=True``, ``bottleneck_targets=["attn.c_proj", "mlp.c_proj"]``
@@ -35,6 +36,7 @@ from tessera.adapters.methods.lora import LoraConfig
 from tessera.adapters.registry import register_generator
 from tessera.adapters.targets import TargetInfo
 
+# Generated tensors per site: tensor kind -> tensor of the site's shape for that kind.
 Generated = list[tuple[Site, dict[str, torch.Tensor]]]
 
 
@@ -52,7 +54,11 @@ def default_config(targets: Mapping[str, TargetInfo], **overrides: Any) -> Hyper
     return HyperLoaderConfig.model_validate(raw)
 
 
-def _lora(config: HyperLoaderConfig, generated: Generated) -> Component:
+def lora_component(config: HyperLoaderConfig, generated: Generated) -> Component:
+    """The ``lora`` component of the generated tensors: one LoRA per ``lora_targets``
+    module (rank ``lora_rank``), or, under ``fused_qkv``, one rank-2r LoRA per fused
+    ``[q; k; v]`` module. Autograd-transparent: training assembles its generated tensors
+    here too, so gradients reach the hypernetwork."""
     r, alpha = config.lora_rank, config.lora_alpha
     modules: dict[str, dict[str, torch.Tensor]] = {}
     if not config.fused_qkv:
@@ -75,19 +81,31 @@ def _lora(config: HyperLoaderConfig, generated: Generated) -> Component:
         half = 0 if site.position.block == 0 else 1  # q -> first r, v -> second r
         cols = slice(half * r, (half + 1) * r)
         rows = slice(site.position.block * block, (site.position.block + 1) * block)
-        entry["lora_A"][cols] = tensors["lora_A"]
-        entry["lora_B"][rows, cols] = tensors["lora_B"]
+        entry["lora_A"][cols] = tensors["lora_A"]  # [r, in] -> rows `cols` of [2r, in]
+        entry["lora_B"][rows, cols] = tensors["lora_B"]  # [block, r] -> one diagonal block
     lora_config = LoraConfig(r=2 * r, lora_alpha=2 * alpha, target_modules=list(modules))
     return Component("lora", lora_config, modules)
 
 
-def _bottleneck(config: HyperLoaderConfig, generated: Generated) -> Component:
+def bottleneck_component(config: HyperLoaderConfig, generated: Generated) -> Component:
+    """The ``bottleneck`` component of the generated tensors: one bottleneck adapter with
+    LayerNorm per ``bottleneck_targets`` module, its tensors as generated (``down_weight``
+    ``[k, d]``, ``down_bias`` ``[k]``, ``up_weight`` ``[d, k]``, ``up_bias``/``ln_weight``/
+    ``ln_bias`` ``[d]``)."""
     modules = {site.target.path: dict(tensors) for site, tensors in generated
                if site.position.group == "bottleneck"}
     bottleneck_config = BottleneckConfig(
         dim=config.bottleneck_dim, activation=config.bottleneck_activation, layer_norm=True,
         layer_norm_eps=config.layer_norm_eps, target_modules=list(modules))
     return Component("bottleneck", bottleneck_config, modules)
+
+
+def assemble(config: HyperLoaderConfig, generated: Generated) -> Adapter:
+    """Generated tensors per site (:meth:`HyperNetwork.generate_tensors`, or
+    :func:`tessera.adapters.hypernet.generate_batched` zipped with its sites) as the
+    adapter the server serves: (LoRA component, bottleneck component)."""
+    return Adapter((lora_component(config, generated),
+                    bottleneck_component(config, generated)))
 
 
 class HyperLoader:
@@ -127,8 +145,7 @@ class HyperLoader:
                  targets: Mapping[str, TargetInfo], *, reference: bool = False) -> Adapter:
         """The task's adapter: (LoRA component, bottleneck component), fp32 tensors."""
         generated = hypernet.generate_tensors(task, targets, reference=reference)
-        return Adapter((_lora(hypernet.config, generated),
-                        _bottleneck(hypernet.config, generated)))
+        return assemble(hypernet.config, generated)
 
 
 HYPERLOADER = HyperLoader()

@@ -30,6 +30,10 @@ KUBERNETES_VERSIONS = ("1.33.0", "1.37.0")
 
 Doc = dict[str, Any]
 
+# The Secret the manifests reference: created by hand from this example (docs/deploy.md),
+# never rendered.
+SECRET: Doc = next(yaml.safe_load_all((DEPLOY / "base" / "secret.example.yaml").read_text()))
+
 
 def tools_dir() -> Path:
     configured = os.environ.get("TESSERA_DEPLOY_TOOLS")  # as scripts/lint-deploy reads it

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import yaml
 
+from tessera.store.embedded import free_port
 from tests.deploy.manifests import (
-    DEPLOY,
+    SECRET,
     Doc,
     config_map,
     dockerfile_stages,
@@ -46,15 +46,8 @@ from tests.deploy.manifests import (
     tessera_container,
 )
 
-SECRET = next(yaml.safe_load_all((DEPLOY / "base" / "secret.example.yaml").read_text()))
 STREAM_LEAD_S = 4  # the streams start this long before preStop ends
 FINISH_REASONS = {"stop", "length", "shutdown"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def get_status(url: str) -> int:
