@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tessera.server.cli_error import CliError
 from tessera.server.client import (
     DEFAULT_URL,
     TesseraClient,
@@ -53,10 +54,6 @@ if TYPE_CHECKING:  # the settings import torch (tessera.engine.settings): loaded
     from tessera.server.server_settings import ServerSettings
 
 log = logging.getLogger("tessera.cli")
-
-
-class CliError(Exception):
-    """A user-facing failure: the message is printed, the exit status is 1."""
 
 
 # --- parsing -------------------------------------------------------------------------------
@@ -187,7 +184,7 @@ def demo(args: argparse.Namespace) -> int:
     """``tessera demo`` (:mod:`tessera.train.demo`): prints its own table."""
     try:
         demo_command.run(args)
-    except demo_command.DemoError as exc:
+    except CliError as exc:
         sys.stderr.write(f"tessera demo: {exc}\n")
         return 1
     return 0
@@ -251,8 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return demo(args)
         answer = train(args) if args.command == "train" else admin(args)
-    except (CliError, TesseraError, TesseraConnectionError,
-            train_command.TrainCommandError) as exc:
+    except (CliError, TesseraError, TesseraConnectionError) as exc:
         sys.stderr.write(f"tessera: {exc}\n")
         return 1
     sys.stdout.write(json.dumps(answer, indent=2) + "\n")

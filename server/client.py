@@ -1,5 +1,6 @@
-"""A small typed client of a running tessera server: tenants, adapter uploads, activation,
-listings and native generation (``POST /v1/tasks/{task}/generate``).
+"""A small typed client of a running tessera server: tenants, adapter uploads, HyperLoader
+hypernetworks and task embeddings, activation, listings and native generation
+(``POST /v1/tasks/{task}/generate``).
 
 It imports only the standard library and httpx — no torch, no transformers, nothing of the
 server — so scripts and the ``tessera`` admin commands start in a fraction of a second::
@@ -10,6 +11,10 @@ server — so scripts and the ``tessera`` admin commands start in a fraction of 
         client.upload("my-lora", Path("./peft-output"))
         client.activate("summarise", "my-lora", 1)
         client.generate("summarise", "Hello", max_tokens=32)["text"]
+        hyper = client.upload_hypernetwork("multi", Path("./hyperloader-output"))
+        client.register_hyper_task("multi", hyper["version"], "ner",
+                                   Path("./new-task/embedding.safetensors"))
+        client.activate_hyper("ner", "multi", hyper["version"], "ner")
 
 Answers are the server's JSON, typed as the dictionaries below. An error answer raises
 :class:`TesseraError` carrying the server's error object; a server that cannot be reached
@@ -30,6 +35,9 @@ import httpx
 DEFAULT_URL = "http://127.0.0.1:8000"
 # the files of a PEFT adapter folder the server reads (tessera.adapters.peft_io's names)
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# a tessera hypernetwork artifact (tessera.adapters.artifact.save_hypernetwork): the
+# manifest (config and registered task embeddings) and the generator's weights
+HYPERNETWORK_FILES = ("manifest.json", "weights.safetensors")
 
 
 # --- answers (the server's JSON; server/schemas.py, server/openai_schemas.py) -------------
@@ -64,6 +72,22 @@ class Task(TypedDict):
     actor: NotRequired[str | None]
     hypernetwork: NotRequired[str | None]
     hyper_task: NotRequired[str | None]
+
+
+class HypernetworkVersion(TypedDict):
+    name: str
+    version: int
+    sha256: str  # of the weights file as uploaded
+    size: int
+    created: float
+    uploader: str
+    config: dict[str, Any]  # the generator's HyperLoaderConfig
+    tasks: list[str]  # the HyperLoader tasks registered on this version
+
+
+class Hypernetwork(TypedDict):
+    name: str
+    versions: list[HypernetworkVersion]
 
 
 class Message(TypedDict):
@@ -134,6 +158,17 @@ def folder_archive(folder: Path) -> bytes:
         for name in PEFT_FILES:
             tar.add(folder / name, arcname=name)
     return out.getvalue()
+
+
+def hypernetwork_files(folder: Path) -> tuple[Path, Path]:
+    """The manifest and weights of a hypernetwork artifact folder (what ``tessera train
+    hyperloader`` writes). ValueError if one is missing."""
+    missing = [name for name in HYPERNETWORK_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"{folder} is not a hypernetwork artifact folder: missing "
+                         f"{', '.join(missing)}")
+    manifest, weights = (folder / name for name in HYPERNETWORK_FILES)
+    return manifest, weights
 
 
 def _content(data: Path | bytes, default_name: str) -> tuple[str, bytes]:
@@ -207,10 +242,12 @@ class TesseraClient:
                                    "weights": _content(weights, "weights.safetensors")})
 
     def _upload(self, name: str, files: dict[str, tuple[str, bytes]]) -> AdapterVersion:
+        return cast(AdapterVersion, self._post_files(f"/v1/adapters/{_q(name)}", files))
+
+    def _post_files(self, path: str, files: dict[str, tuple[str, bytes]]) -> Any:
         parts = {field: (filename, data, "application/octet-stream")
                  for field, (filename, data) in files.items()}
-        return cast(AdapterVersion, self._call("POST", f"/v1/adapters/{_q(name)}",
-                                               files=parts))
+        return self._call("POST", path, files=parts)
 
     def adapter_names(self) -> list[str]:
         return cast(list[str], self._call("GET", "/v1/adapters")["adapters"])
@@ -223,12 +260,66 @@ class TesseraClient:
         """Every adapter of the tenant with its versions (one request per adapter)."""
         return [self.adapter(name) for name in self.adapter_names()]
 
+    # HyperLoader hypernetworks (tenant key)
+    def upload_hypernetwork(self, name: str, folder: Path) -> HypernetworkVersion:
+        """A new version of hypernetwork ``name`` from a hypernetwork artifact folder (its
+        manifest.json and weights.safetensors; the task embeddings registered in the
+        manifest are registered on the new version too)."""
+        manifest, weights = hypernetwork_files(folder)
+        return self.upload_hypernetwork_files(name, manifest, weights)
+
+    def upload_hypernetwork_files(self, name: str, manifest: Path | bytes,
+                                  weights: Path | bytes) -> HypernetworkVersion:
+        """A new version from a hypernetwork manifest and its safetensors weights, each a
+        file or its bytes."""
+        return cast(HypernetworkVersion, self._post_files(
+            f"/v1/hypernetworks/{_q(name)}",
+            {"manifest": _content(manifest, "manifest.json"),
+             "weights": _content(weights, "weights.safetensors")}))
+
+    def hypernetwork_names(self) -> list[str]:
+        return cast(list[str], self._call("GET", "/v1/hypernetworks")["hypernetworks"])
+
+    def hypernetwork(self, name: str) -> Hypernetwork:
+        """One hypernetwork with all its versions (oldest first)."""
+        return cast(Hypernetwork, self._call("GET", f"/v1/hypernetworks/{_q(name)}"))
+
+    def hypernetwork_version(self, name: str, version: int) -> HypernetworkVersion:
+        return cast(HypernetworkVersion, self._call(
+            "GET", f"/v1/hypernetworks/{_q(name)}/versions/{int(version)}"))
+
+    def hypernetworks(self) -> list[Hypernetwork]:
+        """Every hypernetwork of the tenant with its versions (one request per name)."""
+        return [self.hypernetwork(name) for name in self.hypernetwork_names()]
+
+    def register_hyper_task(self, hypernetwork: str, version: int, task: str,
+                            embedding: Path | bytes) -> HypernetworkVersion:
+        """Register HyperLoader task ``task`` on ``hypernetwork`` ``version`` from its
+        embedding (a safetensors file holding one tensor ``[task_dim]``: the
+        ``embedding.safetensors`` of ``tessera train task-embedding``); returns the
+        version with its tasks."""
+        return cast(HypernetworkVersion, self._post_files(
+            f"/v1/hypernetworks/{_q(hypernetwork)}/versions/{int(version)}/tasks/{_q(task)}",
+            {"embedding": _content(embedding, "embedding.safetensors")}))
+
     # tasks (tenant key)
     def activate(self, task: str, adapter: str, version: int, *,
                  expected_revision: int | None = None) -> Task:
         """Bind ``task`` to ``adapter`` version ``version`` (409 if ``expected_revision``
         is given and the task has moved on)."""
         body: dict[str, Any] = {"adapter": adapter, "version": version}
+        return self._activate(task, body, expected_revision)
+
+    def activate_hyper(self, task: str, hypernetwork: str, version: int, hyper_task: str, *,
+                       expected_revision: int | None = None) -> Task:
+        """Bind ``task`` to HyperLoader task ``hyper_task`` of ``hypernetwork`` version
+        ``version`` (its adapter is generated on the task's first request)."""
+        body: dict[str, Any] = {"hypernetwork": hypernetwork, "version": version,
+                                "hyper_task": hyper_task}
+        return self._activate(task, body, expected_revision)
+
+    def _activate(self, task: str, body: dict[str, Any], expected_revision: int | None
+                  ) -> Task:
         if expected_revision is not None:
             body["expected_revision"] = expected_revision
         return cast(Task, self._call("POST", f"/v1/tasks/{_q(task)}/activate", json=body))

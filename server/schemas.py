@@ -240,6 +240,11 @@ class HypernetList(BaseModel):
     hypernetworks: list[str]
 
 
+class HypernetVersions(BaseModel):
+    name: str
+    versions: list[HypernetOut]
+
+
 class TaskList(BaseModel):
     tasks: list[TaskOut]
 

@@ -31,7 +31,7 @@ from tessera.server.metrics import LoadSource, Metrics
 from tessera.server.schemas import Activate
 from tessera.server.server_settings import ServerSettings
 from tessera.server.uploads import DecodedAdapter, Upload, decode, decoded
-from tessera.store.models import AdapterVersion, Binding
+from tessera.store.models import AdapterVersion, Binding, HypernetVersion
 from tessera.store.names import check_name
 from tessera.store.resilient import CachedStore, weights_key
 
@@ -113,6 +113,12 @@ class Service:
         found = await self.store.list_versions(tenant, name)
         if not found:
             raise not_found(f"adapter {name!r} not found")
+        return found
+
+    async def hypernet_versions(self, tenant: str, name: str) -> list[HypernetVersion]:
+        found = await self.store.list_hypernet_versions(tenant, name)
+        if not found:
+            raise not_found(f"hypernetwork {name!r} not found")
         return found
 
     async def task(self, tenant: str, task: str) -> Binding:

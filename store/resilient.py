@@ -338,6 +338,20 @@ class CachedStore:
         return await self._bounded(f"read hypernetwork {tenant}/{name} v{version}",
                                    lambda: self.store.get_hypernet(tenant, name, version))
 
+    async def list_hypernet_versions(self, tenant: str, name: str) -> list[HypernetVersion]:
+        """Every version's record, oldest first (one deleted meanwhile is left out)."""
+
+        async def read() -> list[HypernetVersion]:
+            out = []
+            for version in await self.store.list_hypernet_versions(tenant, name):
+                try:
+                    out.append(await self.store.get_hypernet(tenant, name, version))
+                except NotFoundError:
+                    continue
+            return out
+
+        return await self._bounded(f"list versions of hypernetwork {tenant}/{name}", read)
+
     async def delete_hypernet_version(self, tenant: str, name: str, version: int) -> None:
         await self._write(f"delete hypernetwork {tenant}/{name} v{version}",
                           lambda: self.store.delete_hypernet_version(tenant, name, version))

@@ -31,13 +31,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from tessera.server.cli_error import CliError
+
 if TYPE_CHECKING:
     from tessera.train.demo_client import Score, Served
     from tessera.train.demo_suite import DemoManifest
-
-
-class DemoError(Exception):
-    """A user-facing failure of ``tessera demo`` (missing redis-server, assets, base)."""
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -70,16 +68,16 @@ def _check(args: argparse.Namespace, manifest: DemoManifest) -> None:
     from tessera.engine import builtin
 
     if args.examples is not None and not 1 <= args.examples <= manifest.n_eval:
-        raise DemoError(f"--examples must be in [1, {manifest.n_eval}]")
+        raise CliError(f"--examples must be in [1, {manifest.n_eval}]")
     if args.concurrency < 1:
-        raise DemoError("--concurrency must be at least 1")
+        raise CliError("--concurrency must be at least 1")
     shipped = builtin.trained_manifest()["sha256"]
     if shipped != manifest.base.sha256:
-        raise DemoError(f"the demo adapters were trained on {manifest.base.name} sha256 "
+        raise CliError(f"the demo adapters were trained on {manifest.base.name} sha256 "
                         f"{manifest.base.sha256[:12]}…, the built-in model is now "
                         f"{shipped[:12]}…; rebuild them: {manifest.command}")
     if args.redis_url is None and shutil.which("redis-server") is None:
-        raise DemoError("redis-server is not installed (sudo apt-get install redis-server, "
+        raise CliError("redis-server is not installed (sudo apt-get install redis-server, "
                         "brew install redis), or pass --redis-url")
 
 
@@ -102,7 +100,7 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> dict[str, Any]:
     try:
         manifest = load_manifest(assets)
     except (FileNotFoundError, ValueError) as exc:
-        raise DemoError(str(exc)) from exc
+        raise CliError(str(exc)) from exc
     _check(args, manifest)
     started = time.perf_counter()
     admin_key = secrets.token_urlsafe(24)
@@ -115,8 +113,10 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> dict[str, Any]:
         _say(f"starting tessera on the built-in {manifest.base.name} (data: {data_dir}) …")
         server = stack.enter_context(DemoServer(settings, args.port))
         key, served = demo_client.install(server.url, admin_key, manifest, assets)
+        hyper_tasks = sum(s.label == "hyperloader" for s in served)
         _say(f"{server.url}: installed {len(manifest.adapters)} adapters and a HyperLoader "
-             f"({len(served) - len(manifest.tasks)} tasks)")
+             f"({hyper_tasks} tasks"
+             + (", one a new task embedding)" if manifest.hyperloader.new_task else ")"))
         batches = server.record_batches({s.task: s.label for s in served})
         jobs = demo_client.jobs_for(served, manifest, args.examples)
         show = args.progress if args.progress is not None else sys.stderr.isatty()
@@ -155,7 +155,8 @@ def _results(manifest: DemoManifest, served: list[Served], scores: list[Score],
             and s.demo_task == hyper.new_task.task
         rows.append({"demo_task": s.demo_task, "task": s.task, "method": s.label,
                      "parameters": params.get(s.task, hyper.parameters),
-                     "note": "new task embedding" if new else
+                     "note": f"new task embedding, {hyper.options.get('task_dim')} trained "
+                     "parameters: a new dataset of a learned skill" if new else
                      "shared hypernetwork" if s.label == "hyperloader" else "",
                      "base": base[s.demo_task], "in_process": s.expected,
                      "served": got.accuracy, "correct": got.correct, "total": got.total})

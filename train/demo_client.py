@@ -1,10 +1,11 @@
 """The demo's HTTP side: install the shipped demo adapters on a running tessera server,
 then score every served task on its held-out set with concurrent, shuffled requests.
 
-Install (a fresh tenant): each single-method adapter is uploaded and bound to the task
-``<method>-<demo task>`` (:func:`tessera.train.upload.upload_and_activate`); the
-HyperLoader hypernetwork (its training tasks inside) is uploaded, the new task's
-embedding registered, and ``hyper-<demo task>`` bound to each of its tasks. Score: for
+Install (a fresh tenant, through :class:`tessera.server.client.TesseraClient` and the
+functions of ``tessera train --upload``, :mod:`tessera.train.upload`): each single-method
+adapter is uploaded and bound to the task ``<method>-<demo task>``; the HyperLoader
+hypernetwork (its training tasks inside) is uploaded, the new task's embedding registered
+on that version, and ``hyper-<demo task>`` bound to each of its tasks. Score: for
 every served task and for the base (``base``) on every demo task, one greedy request per
 held-out example (``temperature 0``, ``ignore_eos``, as many tokens as the completion
 has), all in one shuffled stream with many in flight, so the server's batches mix
@@ -12,7 +13,8 @@ adapters of every method; a prediction is correct when the generated text up to 
 including the first ``"\\n"`` equals the completion (the rule of
 :func:`tessera.train.evaluate.exact_match`).
 
-Torch-free: httpx, the client and the task suite only.
+Torch-free: httpx, the client and the task suite only. Scoring sends its requests with
+httpx's async client (many in flight from one thread).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import httpx
 
 from tessera.server.client import TesseraClient
 from tessera.train import tasks
-from tessera.train.demo_suite import DemoManifest
-from tessera.train.upload import upload_and_activate
+from tessera.train.demo_suite import HYPER_PREFIX, DemoManifest
+from tessera.train.upload import add_task, upload_and_activate, upload_hypernetwork
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +69,6 @@ class Score:
         return self.correct / self.total if self.total else 0.0
 
 
-def _hyper_files(folder: Path) -> dict[str, tuple[str, bytes, str]]:
-    return {"manifest": ("manifest.json", (folder / "manifest.json").read_bytes(),
-                         "application/json"),
-            "weights": ("weights.safetensors", (folder / "weights.safetensors").read_bytes(),
-                        "application/octet-stream")}
-
-
 def _check(response: httpx.Response) -> httpx.Response:
     if response.is_error:
         raise RuntimeError(f"{response.request.method} {response.request.url.path}: "
@@ -84,35 +79,30 @@ def _check(response: httpx.Response) -> httpx.Response:
 def install(url: str, admin_key: str, manifest: DemoManifest, assets: Path,
             tenant: str | None = None) -> tuple[str, list[Served]]:
     """A new tenant with every demo adapter bound; returns its API key and the served
-    tasks (the base's, one per demo task, last)."""
+    tasks (the base's, one per demo task, last). A refused call raises the client's
+    :class:`~tessera.server.client.TesseraError`."""
     name = tenant or f"demo-{secrets.token_hex(4)}"
     with TesseraClient(url, admin_key) as admin:
         key = admin.create_tenant(name)["api_key"]
     served: list[Served] = []
-    with TesseraClient(url, key) as client:
+    hyper = manifest.hyperloader
+    with TesseraClient(url, key, timeout=120) as client:
         for entry in manifest.adapters:
             upload_and_activate(client, assets / entry.folder, entry.name, entry.served_task)
             served.append(Served(entry.served_task, entry.task, entry.method, entry.name,
                                  entry.accuracy))
-    hyper = manifest.hyperloader
-    headers = {"Authorization": f"Bearer {key}"}
-    with httpx.Client(base_url=url, headers=headers, timeout=120) as http:
-        version = _check(http.post(f"/v1/hypernetworks/{hyper.name}",
-                                   files=_hyper_files(assets / hyper.folder))).json()["version"]
-        hyper_tasks = [(t, hyper.accuracy[t]) for t in hyper.tasks]
+        done = upload_hypernetwork(client, assets / hyper.folder, hyper.name, HYPER_PREFIX)
+        bound = dict(done.tasks)
+        expected = dict(hyper.accuracy)
         if hyper.new_task is not None:
             new = hyper.new_task
-            embedding = (assets / new.embedding).read_bytes()
-            _check(http.post(f"/v1/hypernetworks/{hyper.name}/versions/{version}/tasks/"
-                             f"{new.task}", files={"embedding": (
-                                 "embedding.safetensors", embedding,
-                                 "application/octet-stream")}))
-            hyper_tasks.append((new.task, new.accuracy))
-        for task, expected in hyper_tasks:
-            _check(http.post(f"/v1/tasks/{hyper.served_task(task)}/activate", json={
-                "hypernetwork": hyper.name, "version": version, "hyper_task": task}))
-            served.append(Served(hyper.served_task(task), task, "hyperloader", hyper.name,
-                                 expected))
+            added = add_task(client, assets / new.embedding, hyper.name,
+                             done.hypernetwork["version"], new.task, HYPER_PREFIX)
+            bound |= added.tasks
+            expected[new.task] = new.accuracy
+    for task in expected:  # the manifest's order: its tasks, then the new one
+        served.append(Served(bound[task]["task"], task, "hyperloader", hyper.name,
+                             expected[task]))
     served += [Served(BASE, task, BASE, None, None) for task in manifest.tasks]
     log.info("demo adapters installed", extra={"tenant": name, "tasks": len(served)})
     return key, served

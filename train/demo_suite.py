@@ -24,6 +24,8 @@ MANIFEST = "demo.json"
 FORMAT = "tessera.demo"
 BUILD_COMMAND = "python -m tessera.train.demo_build --out train/demo_assets"
 
+HYPER_PREFIX = "hyper"  # HyperLoader task T is served as "hyper-T" (tessera.train.upload)
+
 Method = Literal["lora", "dora", "hra", "hut", "soka", "bottleneck"]
 
 
@@ -57,13 +59,18 @@ class DemoAdapter(_Strict):
 
 
 class NewTask(_Strict):
-    """A task embedding trained against the frozen hypernetwork after it was trained."""
+    """A task embedding trained against the frozen hypernetwork after it was trained (the
+    hypernetwork's weights untouched): a new dataset of a skill it learnt."""
 
-    task: str
+    task: str  # the demo task (tessera.train.tasks)
+    description: str  # what the task is, in words
     embedding: str  # safetensors file holding one tensor "embedding" [task_dim]
+    init: Literal["nearest", "random"]  # where the embedding started
+    start_accuracy: float  # held-out exact match of the starting embedding
     steps: int
     lr: float
-    accuracy: float
+    dtype: Literal["float16", "float32"]  # of the shipped embedding
+    accuracy: float  # held-out exact match, in-process, shipped embedding
     train_seconds: float
 
 
@@ -81,7 +88,7 @@ class DemoHyper(_Strict):
     new_task: NewTask | None = None
 
     def served_task(self, task: str) -> str:
-        return f"hyper-{task}"
+        return f"{HYPER_PREFIX}-{task}"  # tessera.train.upload.served_task's rule
 
 
 class DemoManifest(_Strict):

@@ -1,6 +1,6 @@
-"""HyperLoader hypernetworks (tenant-scoped): upload, list, get, register a task
-embedding, delete a version. Binding a task to a HyperLoader task is ``activate`` with
-``hypernetwork`` + ``version`` + ``hyper_task`` (server/api/manage.py)."""
+"""HyperLoader hypernetworks (tenant-scoped): upload, list, get (every version, or one),
+register a task embedding, delete a version. Binding a task to a HyperLoader task is
+``activate`` with ``hypernetwork`` + ``version`` + ``hyper_task`` (server/api/manage.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from tessera.server.api.openapi import AUTHENTICATED, errors, multipart
 from tessera.server.auth import TenantName
-from tessera.server.schemas import HypernetList, HypernetOut, HypernetParam, TaskParam, VersionParam
+from tessera.server.schemas import (
+    HypernetList,
+    HypernetOut,
+    HypernetParam,
+    HypernetVersions,
+    TaskParam,
+    VersionParam,
+)
 from tessera.server.service import Service, get_service
 from tessera.server.uploads import only_fields, read_form, required_part
 
@@ -43,6 +50,14 @@ async def upload_hypernetwork(name: HypernetParam, request: Request, tenant: Ten
 @router.get("")
 async def list_hypernetworks(tenant: TenantName, service: Svc) -> HypernetList:
     return HypernetList(hypernetworks=await service.store.list_hypernets(tenant))
+
+
+@router.get("/{name}", responses=errors(400, 404, 422))
+async def get_hypernetwork_versions(name: HypernetParam, tenant: TenantName,
+                                    service: Svc) -> HypernetVersions:
+    """Every stored version of the hypernetwork, oldest first."""
+    versions = await service.hypernet_versions(tenant, name)
+    return HypernetVersions(name=name, versions=[HypernetOut.of(v) for v in versions])
 
 
 @router.get("/{name}/versions/{version}", responses=errors(400, 404, 422))

@@ -1,7 +1,9 @@
 """tessera.server.client.TesseraClient against a live server (the real app under uvicorn, a real
 redis-server, the built-in model): tenants, the three upload forms, activation, listings
-with versions, native generation, and errors as TesseraError carrying the server's JSON —
-including the 401 of a server whose admin endpoints are disabled."""
+with versions, native generation, HyperLoader hypernetworks (upload, listings, a new task
+embedding, a task bound to a HyperLoader task and served), and errors as TesseraError
+carrying the server's JSON — including the 401 of a server whose admin endpoints are
+disabled."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from tessera.adapters import artifact
+from tessera.adapters.safeio import write_safetensors
 from tessera.server.client import (
     TesseraClient,
     TesseraConnectionError,
@@ -22,7 +25,8 @@ from tessera.server.client import (
     folder_archive,
 )
 from tessera.store.embedded import EmbeddedRedis
-from tests.factories import FACTORIES
+from tests.factories import FACTORIES, randn
+from tests.factories.hyperloader import make_hypernetwork
 from tests.http.conftest import ADMIN_KEY, server_settings
 from tests.http.test_inference import make_peft_folder
 from tests.live import LiveServer
@@ -84,6 +88,66 @@ def test_upload_activate_list_generate(live: LiveServer, tenant_key: str, ref_ba
         chat = client.generate("base", messages=[{"role": "user", "content": "hi"}],
                                max_tokens=2, temperature=0, ignore_eos=True)
         assert chat["completion_tokens"] == 2
+
+
+def test_hypernetworks_tasks_and_hyper_activation(live: LiveServer, tenant_key: str,
+                                                  ref_base: nn.Module, tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(5)
+    hypernet = make_hypernetwork(ref_base, gen)
+    hypernet.register_task("upper", randn(gen, hypernet.config.task_dim, scale=1.0))
+    artifact.save_hypernetwork(hypernet, tmp_path / "hyper")  # manifest.json, weights
+    manifest, weights = artifact.dumps_hypernetwork(hypernet)
+    embedding = write_safetensors({"embedding": randn(gen, hypernet.config.task_dim)})
+
+    with TesseraClient(live.url, tenant_key) as client:
+        first = client.upload_hypernetwork("multi", tmp_path / "hyper")  # a folder
+        assert (first["name"], first["version"], first["tasks"]) == ("multi", 1, ["upper"])
+        assert first["config"]["task_dim"] == hypernet.config.task_dim
+        second = client.upload_hypernetwork_files("multi", manifest, weights)  # bytes
+        assert second["version"] == 2 and len(second["sha256"]) == 64
+        assert client.hypernetwork_names() == ["multi"]
+        assert client.hypernetwork("multi") == {"name": "multi", "versions": [first, second]}
+        assert client.hypernetworks() == [client.hypernetwork("multi")]
+        assert client.hypernetwork_version("multi", 1) == first
+
+        (tmp_path / "embedding.safetensors").write_bytes(embedding)
+        added = client.register_hyper_task("multi", 1, "new-skill",
+                                           tmp_path / "embedding.safetensors")
+        assert added["version"] == 1 and added["tasks"] == ["new-skill", "upper"]
+        assert client.hypernetwork_version("multi", 2)["tasks"] == ["upper"]  # v1 only
+
+        bound = client.activate_hyper("served-new", "multi", 1, "new-skill")
+        assert (bound["task"], bound["hypernetwork"], bound["version"], bound["hyper_task"],
+                bound["adapter"]) == ("served-new", "multi", 1, "new-skill", None)
+        moved = client.activate_hyper("served-new", "multi", 1, "upper",
+                                      expected_revision=bound["revision"])
+        assert moved["revision"] > bound["revision"] and moved["hyper_task"] == "upper"
+        with pytest.raises(TesseraError) as stale:
+            client.activate_hyper("served-new", "multi", 1, "new-skill",
+                                  expected_revision=bound["revision"])
+        assert stale.value.status == 409
+        assert client.task("served-new")["hyper_task"] == "upper"
+        out = client.generate("served-new", "hello", max_tokens=4, temperature=0,
+                              ignore_eos=True)  # the adapter generated on first use
+        assert out["completion_tokens"] == 4
+
+        for call, status in ((lambda: client.hypernetwork("nothing"), 404),
+                             (lambda: client.hypernetwork_version("multi", 3), 404),
+                             (lambda: client.register_hyper_task("multi", 3, "t", embedding),
+                              404),
+                             (lambda: client.activate_hyper("t", "multi", 1, "unknown"), 404),
+                             (lambda: client.register_hyper_task(  # not [task_dim]
+                                 "multi", 1, "t", write_safetensors(
+                                     {"embedding": torch.zeros(hypernet.config.task_dim + 1)})),
+                              422),
+                             (lambda: client.upload_hypernetwork_files("multi", b"{}", weights),
+                              422)):
+            with pytest.raises(TesseraError) as refused:
+                call()
+            assert refused.value.status == status, refused.value
+        with pytest.raises(ValueError, match="not a hypernetwork artifact folder"):
+            client.upload_hypernetwork("multi", tmp_path)  # no manifest.json here
+        assert [v["version"] for v in client.hypernetwork("multi")["versions"]] == [1, 2]
 
 
 def test_errors_carry_the_server_json(live: LiveServer, tenant_key: str) -> None:

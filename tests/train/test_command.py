@@ -69,6 +69,19 @@ def test_hyperloader_then_new_task(random_base: Base, suite_dir: Path, tmp_path:
     (["lora", "--data", "a.jsonl", "--data", "b.jsonl"], "trains on one --data file"),
     (["lora", "--data", "x.jsonl", "--upload", "http://127.0.0.1:9"], "--upload needs a key"),
     (["task-embedding", "--data", "t=x.jsonl"], "needs --hypernet"),
+    (["task-embedding", "--hypernet", "h", "--data", "t=x.jsonl", "--upload", "http://s",
+      "--key", "k"], "task-embedding --upload needs --hypernetwork NAME[@VERSION]"),
+    (["task-embedding", "--hypernet", "h", "--data", "t=x.jsonl", "--upload", "http://s",
+      "--key", "k", "--hypernetwork", "multi@0"], "VERSION must be a positive integer"),
+    (["task-embedding", "--hypernet", "h", "--data", "t=x.jsonl", "--upload", "http://s",
+      "--key", "k", "--hypernetwork", "multi", "--name", "n"], "--name does not apply"),
+    (["lora", "--data", "x.jsonl", "--upload", "http://s", "--key", "k",
+      "--hypernetwork", "multi"], "--hypernetwork applies to task-embedding only"),
+    (["lora", "--data", "x.jsonl", "--task", "t"], "--task goes with --upload URL"),
+    (["hyperloader", "--data", "t=x.jsonl", "--upload", "http://s", "--key", "k",
+      "--task", "p" * 63], "served task (PREFIX-TASK) is 65 characters long"),
+    (["lora", "--data", "x.jsonl", "--upload", "http://s", "--key", "k", "--task", "a..b"],
+     "task 'a..b' is not allowed"),
 ])
 def test_option_errors(args: list[str], message: str, tmp_path: Path, suite_dir: Path,
                        monkeypatch: pytest.MonkeyPatch,
@@ -93,3 +106,5 @@ def test_train_help_loads_no_torch() -> None:
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--embedding-init" in done.stdout and "--resume" in done.stdout
+    assert "--hypernetwork NAME[@VERSION]" in done.stdout  # the upload rules, documented
+    assert "each task T is served as the task PREFIX-T" in done.stdout

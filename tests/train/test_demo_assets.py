@@ -1,7 +1,7 @@
 """The shipped demo adapters (``train/demo_assets/``): safetensors and JSON only, small, made
-for the built-in model as it ships now, loadable the way an upload is parsed; the build's
-padding of safetensors files the pickle sniffing would misread; the demo's exact-match rule
-on generated text."""
+for the built-in model as it ships now, loadable the way an upload is parsed; the new task
+embedding beside the hypernetwork it was trained against; the demo's exact-match rule on
+generated text."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tessera.adapters import artifact
 from tessera.adapters import targets as tg
 from tessera.adapters.peft_io import load_peft_dir
 from tessera.adapters.safeio import looks_pickled, read_safetensors
 from tessera.engine import builtin
+from tessera.train import tasks
 from tessera.train.demo_client import prediction
 from tessera.train.demo_suite import ASSETS, MANIFEST, load_manifest
 
@@ -64,6 +66,28 @@ def test_each_adapter_parses_as_an_upload_would(tmp_path: Path) -> None:
         assert adapter.methods == (entry.method,)
     hyper = artifact.load_hypernetwork(ASSETS / manifest.hyperloader.folder)
     assert set(hyper.tasks) == set(manifest.hyperloader.tasks)
+
+
+def test_the_new_task_embedding_is_shipped_for_the_shipped_hypernetwork() -> None:
+    """The HyperLoader way to add a task: one embedding, trained against the frozen,
+    shipped hypernetwork (a new dataset of a learned skill), from a random start that
+    scored 0% to >= 80% held out; it registers as the server's register-task route would."""
+    hyper = load_manifest(ASSETS).hyperloader
+    new = hyper.new_task
+    assert new is not None
+    assert new.task not in hyper.tasks and new.task in tasks.TASKS
+    assert new.accuracy >= 0.80 and new.start_accuracy <= 0.10 and new.init == "random"
+    assert "new dataset of a learned skill" in new.description
+    path = ASSETS / new.embedding
+    assert path.parent == ASSETS / hyper.folder
+    assert path.name == f"{new.task}.embedding.safetensors"
+    (embedding,) = read_safetensors(path.read_bytes(), what=str(path))[0].values()
+    assert embedding.dtype == getattr(torch, new.dtype)
+    hypernet = artifact.load_hypernetwork(ASSETS / hyper.folder)
+    assert new.task not in hypernet.tasks  # the hypernetwork's files were not rewritten
+    hypernet.register_task(new.task, embedding)  # shape [task_dim], finite
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(
+        ["manifest.json", "weights.safetensors", path.name])
 
 
 @pytest.mark.parametrize(("text", "want"), [

@@ -44,5 +44,12 @@ def test_demo_prints_the_table(tmp_path: Path) -> None:
     assert {r["method"] for r in results["rows"]} == {a.method for a in manifest.adapters} \
         | {"hyperloader"}
     assert all(r["total"] == EXAMPLES for r in results["rows"])
+    assert hyper.new_task is not None  # served beside the hypernetwork's own tasks
+    (new,) = [r for r in results["rows"] if r["demo_task"] == hyper.new_task.task]
+    assert (new["task"], new["method"], new["in_process"]) == (
+        hyper.served_task(hyper.new_task.task), "hyperloader", hyper.new_task.accuracy)
+    assert "new task embedding" in new["note"]
+    assert any(line.split()[:3] == [new["demo_task"], new["task"], "hyperloader"]
+               and "new task embedding" in line for line in out.splitlines())
     assert results["requests"] == EXAMPLES * (len(results["rows"]) + len(manifest.tasks))
     assert results["batches"]["steps"] > 0 and results["metrics"]["steps"] > 0

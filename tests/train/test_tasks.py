@@ -25,7 +25,10 @@ EXPECTED = {
     "double": lambda w: "".join(c * 2 for c in w),
     "atbash": lambda w: w.translate(str.maketrans(string.ascii_lowercase,
                                                   string.ascii_lowercase[::-1])),
+    "upper2": lambda w: w.translate(str.maketrans(string.ascii_lowercase,
+                                                  string.ascii_uppercase)),
 }
+TAG = {"upper2": "upper"}  # a new dataset of upper's skill: upper's prompts, other words
 
 
 def read(path: Path) -> list[dict[str, str]]:
@@ -42,8 +45,9 @@ def test_examples_follow_the_fixed_format(name: str) -> None:
     assert len(train) == 300 and len(held_out) == 50
     for example in train + held_out:
         prompt, completion = example["prompt"], example["completion"]
-        assert prompt.startswith(f"{name}: ") and prompt.endswith("\n")
-        word = prompt[len(name) + 2:-1]
+        tag = TAG.get(name, name)
+        assert prompt.startswith(f"{tag}: ") and prompt.endswith("\n")
+        word = prompt[len(tag) + 2:-1]
         assert len(word) == 5 and set(word) <= set(string.ascii_lowercase)
         assert completion == EXPECTED[name](word) + "\n"
         assert len(completion) > 1  # never an empty answer (novowel keeps a consonant)
@@ -80,3 +84,12 @@ def test_held_out_set_does_not_depend_on_the_training_size() -> None:
 def test_unknown_task_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown demo task 'nope'"):
         tasks.splits("nope")
+
+
+def test_a_new_dataset_of_a_skill_shares_no_word_with_the_original() -> None:
+    """upper2 is upper on another draw: same prompts' shape, none of upper's words."""
+    train, held_out = tasks.splits("upper")
+    upper = {e["prompt"] for e in train + held_out}
+    train, held_out = tasks.splits("upper2")
+    assert not upper & {e["prompt"] for e in train + held_out}
+    assert tasks.splits("upper2") == (train, held_out)  # seeded
