@@ -25,6 +25,13 @@ the mixed step both as the engine runs it (attention grouped by row length,
 ``tessera.engine.attention``) and as one SDPA over the longest row.
 
     python -m bench.decode_step --long-row --batch 32 --prompt 170
+
+``--hot``: one decode step (batch ``--batch``, LoRA r16 on every projection) with one
+adapter at 75% of the rows (the others over 7 more) and at 100%: through slots vs merged
+into the step (``SlotPool.hot_merge``: W0 + dW_hot, the other rows corrected), timed
+alternately.
+
+    python -m bench.decode_step --hot --batch 32 --prompt 128 --layers 8
 """
 
 from __future__ import annotations
@@ -229,6 +236,47 @@ def long_row(args: argparse.Namespace) -> list[dict[str, object]]:
              "ratio": ms["grouped"] / ms["short"]}]
 
 
+def hot(args: argparse.Namespace) -> list[dict[str, object]]:
+    """One decode step with one LoRA adapter at 75% of the rows (the rest spread over 7
+    others) and at 100%: through slots vs merged into the step (dLoRA), vs the base step,
+    timed alternately on the same KV cache."""
+    model = build_model(args)
+    base = copy.deepcopy(model)  # the unwrapped twin the base step runs on
+    adapters = lora_adapters(model, 8, args.rank)
+    # 16 slots: each bank's stack cache (its own size) holds both the 8-slot stack of the
+    # slots step and the 7-slot one of the merged step's other rows, as in a steady engine
+    pool = SlotPool(model, PoolConfig(num_slots=16, max_rank=args.rank, methods=["lora"]))
+    for slot, adapter in enumerate(adapters):
+        pool.load(slot, adapter)
+    merge = pool.hot_merge(pool.prepare(adapters[0]))
+    step, base_step = DecodeStep(model, args.batch, args.prompt), DecodeStep(
+        base, args.batch, args.prompt)
+
+    def run(slots: list[int], flags: list[bool] | None, merged: bool) -> Callable[[], None]:
+        def go() -> None:
+            pool.install_hot(merge if merged else None)
+            with pool.use(torch.tensor(slots), hot=flags):
+                step.run()
+        return go
+
+    rows = []
+    for share in (0.75, 1.0):
+        picks = [0 if share == 1.0 or i % 4 != 3 else 1 + (i // 4) % 7
+                 for i in range(args.batch)]  # adapter of each row
+        flags = [p == 0 for p in picks]
+        ms = paired_ms({
+            "base": base_step.run,
+            "slots": run(picks, None, False),
+            "merged": run([-1 if f else p for p, f in zip(picks, flags, strict=True)],
+                          flags, True)}, args.reps)
+        rows.append({"hot_share": share, "distinct": len(set(picks)), **ms,
+                     "slots_vs_base": ms["slots"] / ms["base"],
+                     "merged_vs_base": ms["merged"] / ms["base"],
+                     "merged_vs_slots": ms["merged"] / ms["slots"]})
+    pool.install_hot(None)
+    return rows
+
+
 def header(args: argparse.Namespace) -> str:
     return (f"decode step, batch {args.batch}, prompt {args.prompt}, Llama-shaped "
             f"hidden {args.hidden} x {args.layers} layers, fp32, {args.threads} threads, "
@@ -277,14 +325,26 @@ def main() -> None:
     parser.add_argument("--long-row", action="store_true",
                         help="the KV slab's decode step with one long row beside short ones")
     parser.add_argument("--long", type=int, default=1024, help="the long row (--long-row)")
+    parser.add_argument("--hot", action="store_true",
+                        help="one LoRA at 75%% / 100%% of the rows: slots vs merged (dLoRA)")
     args = parser.parse_args()
-    issue8 = args.sweep or args.forms or args.long_row
+    issue8 = args.sweep or args.forms or args.long_row or args.hot
     args.hidden = args.hidden or (1024 if issue8 else 512)
     args.batch = args.batch or (64 if issue8 else 32)
     args.counts = args.counts or ("1,4,16,64" if issue8 else "1,8,32")
     torch.set_num_threads(args.threads)
     counts = [int(c) for c in args.counts.split(",")]
     methods = args.methods.split(",")
+    if args.hot:
+        rows = hot(args)
+        print(header(args))
+        for row in rows:
+            print(f"one adapter at {row['hot_share']:.0%} ({row['distinct']} distinct): base "
+                  f"{row['base']:.1f} ms, slots {row['slots']:.1f} ms "
+                  f"({row['slots_vs_base']:.2f}x), merged {row['merged']:.1f} ms "
+                  f"({row['merged_vs_base']:.2f}x; {row['merged_vs_slots']:.2f}x slots)")
+        write_json(args, "bench/results/decode_step_hot.json", rows)
+        return
     if args.long_row:
         rows = long_row(args)
         print(header(args))

@@ -15,7 +15,8 @@ tokens each (``ignore_eos``), all submitted at once. Systems:
   factories (smaller than the LoRA rows: ranks 2-7 on three projections), round-robin;
 - ``--hot``: one adapter carries 75% of the requests, the rest spread over the others
   (the first ``--adapters`` count): pinned hot (merged into the step's weights, the others
-  corrected in the same forward) and not;
+  corrected in the same forward) and not; and one adapter carrying every request, merged
+  and not;
 - ``transformers generate``: one batch of all requests (same length: no padding),
   ``min_new_tokens == max_new_tokens``, a DynamicCache;
 - ``transformers generate_batch``: its continuous batching (SDPA), same tokens;
@@ -147,6 +148,8 @@ async def run_engine(engine: Engine, args: argparse.Namespace, adapters: list[Ad
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
+    if args.vllm:
+        peers.check_vllm(args.vllm)
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(args, Path(tmp))
         most = max(args.adapters)
@@ -176,6 +179,10 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
                 engine, args, adapters[:first], hot_share, hot=True)
             systems[f"tessera {first} LoRA, one 75%, slots"] = lambda: run_engine(
                 engine, args, adapters[:first], hot_share)
+            systems["tessera one LoRA at 100%, merged"] = lambda: run_engine(
+                engine, args, adapters[:1], hot=True)
+            systems["tessera one LoRA at 100%, slots"] = lambda: run_engine(
+                engine, args, adapters[:1])
         systems["transformers generate"] = lambda: asyncio.to_thread(
             peers.generate, model, work, args.new)
         if args.peers:
@@ -231,6 +238,8 @@ def main() -> None:
     parser.add_argument("--plot", default="docs/img/engine_throughput.png",
                         help="PNG of the table ('' = none; needs matplotlib)")
     args = parser.parse_args()
+    if args.plot:
+        plot.check()  # before the long run, not after it
     rows = asyncio.run(main_async(args))
     base = rows[0]["tok_s"]
     generate = next(r["tok_s"] for r in rows if r["system"] == "transformers generate")
@@ -245,13 +254,13 @@ def main() -> None:
               f"{row['tok_s'] / generate:>13.2f}{ttft:>10}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "machine": platform.platform(),
+                               "torch": torch.__version__,
+                               "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
     if args.plot:
         plot.bars(Path(args.plot), f"{args.requests} x ({args.prompt} + {args.new}) tokens, "
                   f"Llama {args.hidden} x {args.layers}, fp32, {args.threads} CPU threads",
                   [r["system"] for r in rows], [r["tok_s"] for r in rows], "output tokens/s")
-    out.write_text(json.dumps({"args": vars(args), "machine": platform.platform(),
-                               "torch": torch.__version__,
-                               "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

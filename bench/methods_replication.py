@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--doc", default="docs/methods.md",
                         help="markdown file whose results block is rewritten ('' = none)")
     args = parser.parse_args()
+    if args.plot:
+        plot.check()  # before the long run, not after it
     torch.set_num_threads(args.threads)
     base = load_base(builtin.materialise(variant="trained"))
     budget = args.budget or count(base, options("lora", args.lora_ranks[0]))

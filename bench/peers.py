@@ -95,6 +95,18 @@ def save_peft_dirs(root: Path, adapters: list[Adapter], targets: list[str], rank
     return dirs
 
 
+def check_vllm(python: str) -> None:
+    """Fail before the long run, not after it: ``python`` must import vLLM and its LoRA
+    and model code (a CUDA-built torchvision or torchaudio beside the CPU torch does not
+    load: uninstall them from that venv)."""
+    probe = ("import vllm, vllm.lora.request; from vllm import LLM, SamplingParams; "
+             "import vllm.model_executor.models.llama")
+    found = subprocess.run([python, "-c", probe], capture_output=True, text=True)
+    if found.returncode:
+        tail = found.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        raise SystemExit(f"--vllm {python}: vLLM does not import: {tail[0]}")
+
+
 def vllm(python: str, model_dir: Path, prompts: list[list[int]], new: int,
          lora_dirs: list[Path], reps: int) -> dict[str, list[float]]:
     """vLLM's CPU build in its own venv (``python``), base and round-robin LoRA, ``reps``

@@ -7,6 +7,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
+def check() -> None:
+    """Fail at once where matplotlib is missing (a benchmark calls this before it runs)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("the plot needs matplotlib: pip install -e '.[bench]' "
+                         "(or pass --plot '')") from None
+
+
 def bars(path: Path, title: str, labels: Sequence[str], values: Sequence[float],
          unit: str, highlight: str = "tessera") -> None:
     """One horizontal bar per row, tessera's in one colour and peers' in another."""

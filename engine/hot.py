@@ -5,8 +5,11 @@ into a buffer beside each targeted W0 (:meth:`SlotPool.hot_merge`; W0 is never w
 The hot adapter's rows then need no slot and no adapter work; every other row of the same
 forward gets ``-B_hot (A_hot x)`` back, so it computes ``W0 x`` before its own adapter
 (:class:`~tessera.adapters.plan.HotDelta`). One KV cache, one forward, one set of weights
-read per module: merging makes a step cheaper, never dearer (``bench/engine_throughput.py
---hot`` measures it).
+read per module. The correction reads the same factors the hot rows' slot work would, so
+a merged step reads no more than one through slots; what it saves is the hot rows' adapter
+work. On the 2-core CPU that measured a tie (``bench/decode_step.py --hot``,
+``bench/engine_throughput.py --hot``), so the traffic policy is off by default
+(``hot_merge``); admin pins work either way.
 
 Eligible adapters lower to the low-rank bank only (LoRA, rsLoRA, HRA): their delta is
 ``B A`` and the correction is one rank-r product. DoRA and HUT multiply W0, SoKA's delta

@@ -82,9 +82,10 @@ class EngineSettings(BaseSettings):
 
     # --- hot tenants (tessera.engine.hot) ---------------------------------------------------------
     hot_merge: bool = Field(
-        True, description="run steps on W0 + the delta of the adapter that dominates the "
-                          "traffic (a low-rank one: LoRA, HRA), the others corrected in the "
-                          "same forward; false = admin pins only")
+        False, description="run steps on W0 + the delta of the adapter that dominates the "
+                           "traffic (a low-rank one: LoRA, HRA), the others corrected in the "
+                           "same forward; false = admin pins only (the default: on the CPU "
+                           "a merged step measured no faster than slots, docs/serving.md)")
     hot_window_s: float = Field(30.0, gt=0, description="window of recent generated tokens "
                                                         "the shares are taken over")
     hot_enter_share: float = Field(0.5, gt=0, le=1, description="share of the window's "
