@@ -63,6 +63,7 @@ class EngineStats:
     resident_adapters: int
     kv_tokens_used: int = 0  # KV positions held (rounded up to blocks)
     kv_tokens_total: int = 0  # the KV budget (TESSERA_KV_CACHE_TOKENS)
+    kv_tokens_rows: int = 0  # each row's length rounded up to blocks, summed (<= used)
     preemptions: int = 0  # rows preempted for the KV budget, recomputed later
     max_slots: int = 0  # adapters the device holds at once (TESSERA_NUM_SLOTS)
     running_adapters: tuple[str, ...] = ()  # adapter keys of running or prefilling rows
@@ -282,6 +283,7 @@ class Engine:
                                "load_seconds": list(slots.stats.load_seconds)}),
             resident_adapters=len(slots.resident_keys),
             kv_tokens_used=scheduler.kv_in_use(), kv_tokens_total=self.settings.kv_cache_tokens,
+            kv_tokens_rows=scheduler.kv_rows(),
             preemptions=s.preemptions, max_slots=self.settings.num_slots,
             running_adapters=_keys([*scheduler.stepper.running, *scheduler.prefilling]),
             waiting_adapters=_keys(scheduler.waiting), hot=self.hot.stats())

@@ -226,6 +226,11 @@ class Scheduler:
         far by rows still prefilling (rounded up to blocks)."""
         return self.stepper.kv_in_use() + self._prefill_held()
 
+    def kv_rows(self) -> int:
+        """:meth:`kv_in_use` as paged blocks would count it: each running row's own length
+        rounded up to blocks (not the slab's rows x longest row), plus the prefilling."""
+        return self.stepper.kv_rows() + self._prefill_held()
+
     def _prefill_held(self) -> int:
         budget = self.stepper.budget
         return sum(budget.blocks(s.prefilled) * budget.block for s in self.prefilling)

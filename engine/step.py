@@ -194,6 +194,11 @@ class Stepper:
         g = self.main
         return len(g.rows) * self.budget.blocks(g.cache.width) * self.budget.block
 
+    def kv_rows(self) -> int:
+        """What paged blocks would hold for the running rows: each row's length rounded up
+        to blocks, summed (the slab's area, :meth:`kv_in_use`, is at least this)."""
+        return sum(self.budget.blocks(n) * self.budget.block for n in self.main.cache.lengths)
+
     def width(self) -> int:
         """The longest running row of the slot-pool group."""
         return self.main.cache.width

@@ -351,6 +351,8 @@ def _router_families(s: EngineStats, model_of: Callable[[str], str | None]
                  s.kv_tokens_used)
     yield _gauge("tessera_kv_cache_tokens", "KV budget in token positions",
                  s.kv_tokens_total)
+    yield _gauge("tessera_kv_cache_tokens_rows", "KV positions the rows' own lengths need, "
+                 "each rounded up to blocks (what paged blocks would hold)", s.kv_tokens_rows)
     yield _counter("tessera_preemptions", "Rows preempted for the KV budget (recomputed)",
                    s.preemptions)
 

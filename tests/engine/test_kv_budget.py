@@ -93,3 +93,46 @@ async def test_the_budget_caps_the_context_limit(make_engine: EngineFactory) -> 
     with pytest.raises(ContextLengthError):
         engine.submit(GenerationRequest(prompt="x" * 40,
                                         sampling=SamplingParams(max_tokens=30)))
+
+
+async def test_row_usage_counts_each_row_in_blocks(make_engine: EngineFactory) -> None:
+    """``kv_tokens_rows``: each running row's own length rounded up to blocks, summed (what
+    paged blocks would hold); the slab's area (``kv_tokens_used``) pads the short row to
+    the long one and is never less."""
+    engine = await make_engine(kv_block_size=16)
+    long, short = [5 + i % 50 for i in range(100)], [7, 8, 9]
+    new = 20
+    seen: list[tuple[int, int]] = []  # (rows, used) after each decode-only step of both
+
+    def observe(report: StepReport) -> None:
+        if report.decode_rows == 2 and report.prefill_tokens == 0:
+            stats = engine.stats()
+            seen.append((stats.kv_tokens_rows, stats.kv_tokens_used))
+
+    engine.subscribe(observe)
+    params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+    handles = [engine.submit(GenerationRequest(prompt=p, sampling=params))
+               for p in (long, short)]
+    for handle in handles:
+        assert len((await handle.result()).token_ids) == new
+
+    def blocks(n: int) -> int:
+        return -(-n // 16) * 16
+
+    assert seen[-1] == (0, 0)  # the last step finished both rows: nothing held after it
+    seen = seen[:-1]
+    assert len(seen) >= new // 2  # both rows decoded side by side for much of the run
+
+    def expected(j: int, d: int) -> list[int]:
+        """After the j-th decode step of the long row the cache holds ``len(long) + j`` of
+        it; the short row (prefilled in fewer chunks) is ``d`` steps ahead."""
+        return [blocks(len(long) + j + k) + blocks(len(short) + j + d + k)
+                for k in range(len(seen))]
+
+    fits = [(j, d) for j in range(new + 1) for d in range(new + 1)
+            if expected(j, d) == [rows for rows, _ in seen]]
+    assert fits, str(seen)  # one row = one length each, rounded up to blocks, every step
+    j = fits[0][0]
+    for k, (rows, used) in enumerate(seen):  # the slab pads the short row to the long one
+        assert used >= 2 * blocks(len(long) + j + k) > rows, k
+    assert engine.stats().kv_tokens_rows == 0  # nothing runs: nothing held
