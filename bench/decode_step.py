@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -277,6 +278,15 @@ def hot(args: argparse.Namespace) -> list[dict[str, object]]:
     return rows
 
 
+def report(args: argparse.Namespace, rows: list[dict[str, object]], path: str,
+           line: Callable[[dict[str, Any]], str]) -> None:
+    """Print the header and one line per row, then write the rows' JSON."""
+    print(header(args))
+    for row in rows:
+        print(line(row))
+    write_json(args, path, rows)
+
+
 def header(args: argparse.Namespace) -> str:
     return (f"decode step, batch {args.batch}, prompt {args.prompt}, Llama-shaped "
             f"hidden {args.hidden} x {args.layers} layers, fp32, {args.threads} threads, "
@@ -336,24 +346,18 @@ def main() -> None:
     counts = [int(c) for c in args.counts.split(",")]
     methods = args.methods.split(",")
     if args.hot:
-        rows = hot(args)
-        print(header(args))
-        for row in rows:
-            print(f"one adapter at {row['hot_share']:.0%} ({row['distinct']} distinct): base "
-                  f"{row['base']:.1f} ms, slots {row['slots']:.1f} ms "
-                  f"({row['slots_vs_base']:.2f}x), merged {row['merged']:.1f} ms "
-                  f"({row['merged_vs_base']:.2f}x; {row['merged_vs_slots']:.2f}x slots)")
-        write_json(args, "bench/results/decode_step_hot.json", rows)
+        report(args, hot(args), "bench/results/decode_step_hot.json", lambda row: (
+            f"one adapter at {row['hot_share']:.0%} ({row['distinct']} distinct): base "
+            f"{row['base']:.1f} ms, slots {row['slots']:.1f} ms "
+            f"({row['slots_vs_base']:.2f}x), merged {row['merged']:.1f} ms "
+            f"({row['merged_vs_base']:.2f}x; {row['merged_vs_slots']:.2f}x slots)"))
         return
     if args.long_row:
-        rows = long_row(args)
-        print(header(args))
-        for row in rows:
-            print(f"{args.batch} rows of {args.prompt}: {row['short_ms']:.1f} ms; "
-                  f"{args.batch - 1} of them beside one of {args.long}: {row['long_ms']:.1f} ms"
-                  f" ({row['ratio']:.2f}x) grouped by length, {row['long_plain_ms']:.1f} ms"
-                  f" ({row['plain_ratio']:.2f}x) as one SDPA over the longest row")
-        write_json(args, "bench/results/decode_step_long_row.json", rows)
+        report(args, long_row(args), "bench/results/decode_step_long_row.json", lambda row: (
+            f"{args.batch} rows of {args.prompt}: {row['short_ms']:.1f} ms; "
+            f"{args.batch - 1} of them beside one of {args.long}: {row['long_ms']:.1f} ms"
+            f" ({row['ratio']:.2f}x) grouped by length, {row['long_plain_ms']:.1f} ms"
+            f" ({row['plain_ratio']:.2f}x) as one SDPA over the longest row"))
         return
     if args.sweep:
         rows = sweep(args, counts)
