@@ -54,12 +54,20 @@ class Routing:
         self.all_hot = all_hot  # every token is hot: no correction term at all
         self.num_tokens = int(slots.shape[0])
         self.index = torch.where(slots < 0, torch.full_like(slots, num_slots), slots)  # [N]
-        # One host sync per forward (not per layer): the distinct slots of this batch and
-        # how many tokens use each (the banks size their segment forms with it).
-        values, counts = torch.unique(slots, return_counts=True)  # [D], [D]
-        pairs: list[list[int]] = torch.stack([values, counts]).tolist()
-        self.counts: dict[int, int] = {s: c for s, c in zip(*pairs, strict=True) if s >= 0}
-        self.unique: list[int] = list(self.counts)
+        # One host sync per forward (not per layer): the runs of equal slot ids in token
+        # order. From them: the distinct slots, how many tokens use each (the banks size
+        # their segment forms with it) and where those tokens lie (``spans``).
+        values, lengths = torch.unique_consecutive(slots, return_counts=True)  # [R], [R]
+        pairs: list[list[int]] = torch.stack([values, lengths]).tolist()
+        self.counts: dict[int, int] = {}
+        self.spans: dict[int, list[tuple[int, int]]] = {}  # slot -> its runs [start, stop)
+        start = 0
+        for slot, length in zip(*pairs, strict=True):
+            if slot >= 0:
+                self.counts[slot] = self.counts.get(slot, 0) + length
+                self.spans.setdefault(slot, []).append((start, start + length))
+            start += length
+        self.unique: list[int] = sorted(self.counts)
         self.unique_set = frozenset(self.unique)
         self.gather_budget = gather_budget
         self.num_slots = num_slots

@@ -261,8 +261,10 @@ class Stepper:
         slot pool's rows, hot or not); returns the rest, for one forward
         each. If that forward fails, its rows go back to the rest: each then fails alone,
         or not at all."""
-        whole = [seq for seq, count in prefill
-                 if seq.prefilled == 0 and count == len(seq.pending)]
+        # side by side by slot: each adapter's tokens are one run the banks read as a view
+        whole = sorted((seq for seq, count in prefill
+                        if seq.prefilled == 0 and count == len(seq.pending)),
+                       key=lambda seq: seq.slot)
         if len(whole) < 2:
             return prefill
         try:

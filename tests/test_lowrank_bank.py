@@ -68,6 +68,8 @@ def every_form(bank: LowRankBank, routing: Routing, h: torch.Tensor,
         "segment uncached": bank.apply_segment(routing, active, h.clone(), x, cached=False),
         "per-token": bank.apply_per_token(routing, active, h.clone(), x),
         "dispatch": bank.apply(h.clone(), x, x, routing),
+        "segment mode (views or gathers)": bank.apply(
+            h.clone(), x, x, Routing(routing.slots, bank.num_slots, gather_budget=0)),
         "bank reference": bank.reference(routing, h, x),
     }
 
@@ -100,6 +102,48 @@ def test_batched_forms_equal_a_per_token_loop(data: st.DataObject, num_slots: in
     ids = data.draw(st.lists(st.integers(-1, num_slots - 1), min_size=num_tokens,
                              max_size=num_tokens), label="slot ids")
     check_forms(bank, factors, ids, gen)
+
+
+def runs_of(ids: list[int]) -> dict[int, list[tuple[int, int]]]:
+    """Each slot's runs of consecutive tokens ``[start, stop)``, written out token by token."""
+    runs: dict[int, list[tuple[int, int]]] = {}
+    for i, slot in enumerate(ids):
+        if slot < 0:
+            continue
+        spans = runs.setdefault(slot, [])
+        if spans and spans[-1][1] == i:
+            spans[-1] = (spans[-1][0], i + 1)
+        else:
+            spans.append((i, i + 1))
+    return runs
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids=st.lists(st.integers(-1, 4), max_size=30))
+def test_routing_finds_each_slots_runs_and_counts(ids: list[int]) -> None:
+    routing = routing_of(ids, 5)
+    runs = runs_of(ids)
+    assert routing.spans == runs
+    assert routing.counts == {s: sum(b - a for a, b in r) for s, r in runs.items()}
+    assert routing.unique == sorted(runs)
+
+
+@pytest.mark.parametrize("ids", [
+    [0] * 7 + [1] * 5 + [-1] * 3 + [2] * 6,  # prefill rows side by side: one run each
+    [0, 1] * 6 + [2] * 3,  # slots 0 and 1 in six runs each: gathered
+    [0, -1, 0, 1, 1, 0, -1, 0, 2],  # slot 0 in four runs (views), the rest in one
+])
+def test_segment_mode_views_and_gathers_equal_the_loop(ids: list[int]) -> None:
+    gen = torch.Generator().manual_seed(len(ids))
+    bank = new_bank(3)
+    factors: Factors = {}
+    for slot, rank in enumerate((4, 2, 3)):
+        write(bank, factors, slot, rank, gen)
+    x = torch.randn(len(ids), TARGET.in_features, generator=gen)  # [N, in]
+    h = torch.randn(len(ids), TARGET.out_features, generator=gen)  # [N, out]
+    routing = Routing(torch.tensor(ids), 3, gather_budget=0)  # segment mode
+    got = bank.apply(h.clone(), x, x, routing)
+    torch.testing.assert_close(got, plain_loop(factors, ids, h, x), rtol=1e-5, atol=1e-5)
 
 
 Op = tuple[str, int, int]  # ("write", slot, rank) | ("evict", slot, 0) | ("forward", 0, 0)

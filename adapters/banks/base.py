@@ -28,6 +28,11 @@ from tessera.adapters.targets import TargetInfo
 
 BankStage = Literal["input", "delta", "scale", "output"]
 
+# Segment mode reads a slot's tokens as views of the batch when they lie in at most this
+# many runs (a prefill row is one run; rows of one adapter side by side are one run), and
+# gathers them (index_select, index_copy_) otherwise.
+MAX_SPANS = 4
+
 
 class Bank(ABC):
     kind: ClassVar[str]
@@ -122,6 +127,11 @@ class Bank(ABC):
         if self.stage == "input":
             h = h.clone()  # h is the caller's activation: never write into it
         for slot in active:
+            spans = routing.spans[slot]
+            if len(spans) <= MAX_SPANS:  # few runs (prefill rows): views, nothing gathered
+                for start, stop in spans:
+                    self.apply_span(slot, h[start:stop], x[start:stop], weight)
+                continue
             rows = routing.rows(slot)  # [n_s]
             part = self.apply_slot(slot, h.index_select(0, rows), x.index_select(0, rows), weight)
             h.index_copy_(0, rows, part)
@@ -131,6 +141,12 @@ class Bank(ABC):
     def apply_slot(self, slot: int, h: torch.Tensor, x: torch.Tensor,
                    weight: torch.Tensor) -> torch.Tensor:
         """Segment mode: every token of ``h``/``x`` uses ``slot``."""
+
+    def apply_span(self, slot: int, h: torch.Tensor, x: torch.Tensor,
+                   weight: torch.Tensor) -> None:
+        """Segment mode on a run of consecutive tokens, in place: ``h`` ``[n, *]`` and
+        ``x`` ``[n, in]`` are views of the forward's running value and input."""
+        h.copy_(self.apply_slot(slot, h, x, weight))
 
     @abstractmethod
     def apply_tokens(self, routing: Routing, active: list[int], h: torch.Tensor,

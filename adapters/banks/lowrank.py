@@ -194,12 +194,20 @@ class LowRankBank(Bank):
         return self.stacks.get(tuple(active), lambda: self.build_stack(active))
 
     # --- forms ----------------------------------------------------------------------------
+    def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` ``[r, in]`` and ``B`` ``[out, r]`` of one slot, at its own rank (views)."""
+        r = self.slot_rank[slot]
+        return self.t["A"][slot, :r], self.t["B"][slot, :, :r]
+
     def apply_slot(self, slot: int, h: torch.Tensor, x: torch.Tensor,
                    weight: torch.Tensor) -> torch.Tensor:
-        r = self.slot_rank[slot]
-        a = self.t["A"][slot, :r]  # [r, in]
-        b = self.t["B"][slot, :, :r]  # [out, r]
+        a, b = self.factors(slot)  # [r, in], [out, r]
         return torch.addmm(h, x @ a.t(), b.t())  # [n, out]
+
+    def apply_span(self, slot: int, h: torch.Tensor, x: torch.Tensor,
+                   weight: torch.Tensor) -> None:
+        a, b = self.factors(slot)  # [r, in], [out, r]
+        h.addmm_(x @ a.t(), b.t())  # [n, out], in place
 
     def apply_tokens(self, routing: Routing, active: list[int], h: torch.Tensor,
                      x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
