@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.adapters.banks.base import Bank
+from tessera.adapters.kernels import PackedLinear
 from tessera.adapters.plan import Routing, StepMeta
 from tessera.adapters.targets import TargetInfo, bias_of, weight_of
 
@@ -54,8 +55,8 @@ class AdapterLayer(nn.Module):
         # The bias joins the base GEMM (bit-identical base rows) unless a scale bank must
         # act between them (DoRA scales W0 x + delta, not the bias).
         late_bias = bias is not None and any(b.stage == "scale" for b in banks)
-        y = F.linear(x_in, weight if hot is None else hot.weight,
-                     None if late_bias else bias)  # [N, out]
+        y_bias = None if late_bias else bias
+        y = self.base_linear(x_in, y_bias) if hot is None else hot.linear(x_in, y_bias)  # [N, out]
         if hot is None:
             y = self._after_base(banks, y, x_in, weight, routing, bias if late_bias else None)
         elif routing.cold is not None:
@@ -71,6 +72,13 @@ class AdapterLayer(nn.Module):
         elif late_bias and bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], self.target.out_features)
+
+    def base_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``W0 x`` plus ``bias`` ``[N, out]``, on the base's packed weight where it has one
+        (:mod:`tessera.adapters.kernels`): base rows equal the base layer's own output."""
+        if isinstance(self.base, PackedLinear):
+            return self.base.linear(x, bias)
+        return F.linear(x, self.weight, bias)
 
     @staticmethod
     def _after_base(banks: list[Bank], y: torch.Tensor, x_in: torch.Tensor,

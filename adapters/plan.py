@@ -15,6 +15,7 @@ from itertools import accumulate
 
 import torch
 
+from tessera.adapters import kernels
 from tessera.adapters.errors import PoolError
 
 
@@ -40,6 +41,11 @@ class HotDelta:
     weight: torch.Tensor  # [out, in]
     down: torch.Tensor  # [r, in]
     up: torch.Tensor  # [out, r], the adapter's scale folded in
+    packed: torch.Tensor | None = None  # ``weight`` packed for oneDNN, where the base is
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``(W0 + up down) x`` plus ``bias`` ``[N, out]``."""
+        return kernels.linear(x, self.weight, self.packed, bias)
 
 
 class Routing:

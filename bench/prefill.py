@@ -14,6 +14,10 @@ cache kept, last-token logits only):
 - the throughput workload's TTFT: 32 requests of 128 tokens, 128 new each, all at once;
   the engine's median time to first token vs one ``[32, 128]`` forward.
 
+Each forward is also timed on a copy of the model whose linears run oneDNN on packed
+weights, as the engine's do (``tessera.adapters.kernels``): the ratios against it are the
+engine's own overhead, those against the plain model what a user gains over it.
+
 The engine runs on its defaults (``prefill_tokens_per_step`` 2048: a 4,096-token burst
 is two prefill forwards with a decode step between). Writes
 ``bench/results/prefill.json``.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import platform
 import statistics
@@ -34,7 +39,7 @@ from typing import Any
 import torch
 
 from bench.engine_throughput import build_model, loras, spec
-from tessera.adapters import Adapter
+from tessera.adapters import Adapter, kernels
 from tessera.engine import Engine, GenerationRequest, SamplingParams
 from tests.live import HermeticSettings
 
@@ -87,6 +92,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     load = batch(32, 128, args.vocab, seed=4)
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(args, Path(tmp))
+        packed = copy.deepcopy(model)  # the engine's kernel (tessera.adapters.kernels)
+        kernels.pack_linears(packed)
         settings = HermeticSettings(
             model=tmp, device="cpu", dtype="float32", num_slots=args.adapters, max_rank=16,
             max_batch_rows=32, max_queue=256, context_limit=512, hot_merge=False,
@@ -95,15 +102,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await engine.start()
         adapters = loras(model, args.adapters, 16)
         times: dict[str, list[float]] = {k: [] for k in (
-            "forward_burst", "engine_base", "engine_lora", "forward_load", "ttft_p50")}
+            "forward_burst", "forward_burst_packed", "engine_base", "engine_lora",
+            "forward_load", "forward_load_packed", "ttft_p50")}
         try:
             await burst_s(engine, burst[:2], adapters)  # warm up, slots filled
             await burst_s(engine, burst[:2], [])
             for _ in range(args.reps):  # interleaved: drift hits each alike
                 times["forward_burst"].append(forward_s(model, burst))
+                times["forward_burst_packed"].append(forward_s(packed, burst))
                 times["engine_base"].append(await burst_s(engine, burst, []))
                 times["engine_lora"].append(await burst_s(engine, burst, adapters))
                 times["forward_load"].append(forward_s(model, load))
+                times["forward_load_packed"].append(forward_s(packed, load))
                 times["ttft_p50"].append(await ttft_p50_s(engine, load, 128))
         finally:
             await engine.stop(drain_timeout=5)
@@ -111,7 +121,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return {"seconds": med,
             "burst_base_ratio": med["engine_base"] / med["forward_burst"],
             "burst_lora_ratio": med["engine_lora"] / med["forward_burst"],
-            "ttft_ratio": med["ttft_p50"] / med["forward_load"]}
+            "ttft_ratio": med["ttft_p50"] / med["forward_load"],
+            "packed": {"burst_base_ratio": med["engine_base"] / med["forward_burst_packed"],
+                       "burst_lora_ratio": med["engine_lora"] / med["forward_burst_packed"],
+                       "ttft_ratio": med["ttft_p50"] / med["forward_load_packed"]}}
 
 
 def main() -> None:
@@ -137,6 +150,11 @@ def main() -> None:
           f"{s['engine_lora']:.2f} s ({found['burst_lora_ratio']:.2f}x)")
     print(f"32 x (128 + 128): TTFT p50 {s['ttft_p50']:.2f} s vs one [32, 128] forward "
           f"{s['forward_load']:.2f} s ({found['ttft_ratio']:.2f}x)")
+    k = found["packed"]
+    print(f"vs the same forwards with packed linears (the engine's kernel): burst "
+          f"{s['forward_burst_packed']:.2f} s (base {k['burst_base_ratio']:.2f}x, LoRA "
+          f"{k['burst_lora_ratio']:.2f}x), [32, 128] {s['forward_load_packed']:.2f} s "
+          f"(TTFT {k['ttft_ratio']:.2f}x)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "machine": platform.platform(),

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from tessera.adapters import kernels
 from tessera.engine import attention, builtin
 from tessera.engine.errors import RequestValidationError
 from tessera.engine.settings import EngineSettings
@@ -39,6 +40,7 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     max_token_bytes: int = 64  # UTF-8 bytes of the longest vocabulary entry (an upper bound)
     grouped_attention: bool = False  # decode attention grouped by row length (attention.py)
+    packed_linears: int = 0  # linear layers running oneDNN on packed weights (kernels.py)
 
     @property
     def max_prompt_bytes(self) -> int:
@@ -99,14 +101,18 @@ def load_base(settings: EngineSettings) -> LoadedModel:
     model.eval()
     model.requires_grad_(False)
     grouped = attention.install(model)  # where it runs sdpa
+    packed = 0
+    if settings.packed_linear and kernels.supported(settings.torch_dtype, device.type):
+        packed = kernels.pack_linears(model)  # before the slot pool wraps any projection
     limit = _context_limit(model, tokenizer, settings)
     eos = _eos_ids(model, tokenizer)
     log.info("base model loaded", extra={"model": source, "device": str(device),
-                                         "dtype": settings.dtype, "context_limit": limit})
+                                         "dtype": settings.dtype, "context_limit": limit,
+                                         "packed_linears": packed})
     return LoadedModel(model=model, tokenizer=tokenizer, name=settings.model or "builtin",
                      device=device, dtype=settings.torch_dtype, context_limit=limit,
                      eos_token_ids=eos, max_token_bytes=_max_token_bytes(tokenizer),
-                     grouped_attention=grouped)
+                     grouped_attention=grouped, packed_linears=packed)
 
 
 def _max_token_bytes(tokenizer: Any) -> int:
