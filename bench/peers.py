@@ -6,6 +6,7 @@ transformers ``generate`` (one padded batch), transformers continuous batching
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -108,15 +109,18 @@ def check_vllm(python: str) -> None:
 
 
 def vllm(python: str, model_dir: Path, prompts: list[list[int]], new: int,
-         lora_dirs: list[Path], reps: int) -> dict[str, list[float]]:
+         lora_dirs: list[Path], reps: int, threads: int | None = None) -> dict[str, list[float]]:
     """vLLM's CPU build in its own venv (``python``), base and round-robin LoRA, ``reps``
-    runs each after a warm-up (bench/vllm_peer.py)."""
+    runs each after a warm-up (bench/vllm_peer.py). ``threads``: its OMP_NUM_THREADS (None:
+    vLLM's own choice, which on 2 cores keeps one for its engine-core process)."""
+    env = dict(os.environ) if threads is None else {**os.environ,
+                                                    "OMP_NUM_THREADS": str(threads)}
     with tempfile.TemporaryDirectory() as tmp:
         spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec.write_text(json.dumps({"prompts": prompts, "new": new, "reps": reps,
                                     "loras": [str(d) for d in lora_dirs]}))
         script = Path(__file__).with_name("vllm_peer.py")
         subprocess.run([python, str(script), str(model_dir), str(spec), str(out)],
-                       check=True)
+                       check=True, env=env)
         result: dict[str, list[float]] = json.loads(out.read_text())
     return result
