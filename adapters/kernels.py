@@ -100,10 +100,6 @@ class PackedLinear(nn.Linear):
         super().__setstate__(state)  # type: ignore[no-untyped-call]
         self.packed = pack(self.weight)
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``W0 x`` plus ``bias`` (the module's own, another, or None)."""
-        return linear(x, self.weight, self.packed, bias)
-
 
 def pack_linears(model: nn.Module) -> int:
     """Swap every plain ``nn.Linear`` of a frozen ``model`` for a :class:`PackedLinear`

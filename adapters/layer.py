@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from tessera.adapters import kernels
 from tessera.adapters.banks.base import Bank
-from tessera.adapters.kernels import PackedLinear
 from tessera.adapters.plan import Routing, StepMeta
 from tessera.adapters.targets import TargetInfo, bias_of, weight_of
 
@@ -73,12 +72,15 @@ class AdapterLayer(nn.Module):
             y = y + bias
         return y.reshape(*x.shape[:-1], self.target.out_features)
 
+    @property
+    def packed(self) -> torch.Tensor | None:
+        """W0 packed for oneDNN where the base is a ``PackedLinear`` (kernels), else None."""
+        return self.base.packed if isinstance(self.base, kernels.PackedLinear) else None
+
     def base_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``W0 x`` plus ``bias`` ``[N, out]``, on the base's packed weight where it has one
+        """``W0 x`` plus ``bias`` ``[N, out]``, on the kernel the base layer runs
         (:mod:`tessera.adapters.kernels`): base rows equal the base layer's own output."""
-        if isinstance(self.base, PackedLinear):
-            return self.base.linear(x, bias)
-        return F.linear(x, self.weight, bias)
+        return kernels.linear(x, self.weight, self.packed, bias)
 
     @staticmethod
     def _after_base(banks: list[Bank], y: torch.Tensor, x_in: torch.Tensor,

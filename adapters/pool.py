@@ -196,8 +196,8 @@ class SlotPool:
             down = data.tensors["A"].to(self.device, torch.float32)  # [r, in]
             up = data.tensors["B"].to(self.device, torch.float32)  # [out, r]
             weight = (w0.float() + up @ down).to(w0.dtype).contiguous()  # [out, in]
-            packed = kernels.pack(weight) if isinstance(layer.base, kernels.PackedLinear) \
-                else None  # the merged step runs on the kernel the base runs on
+            # the merged step runs on the kernel the base runs on
+            packed = None if layer.packed is None else kernels.pack(weight)
             merged[path] = HotDelta(weight, down.to(self.dtype), up.to(self.dtype), packed)
         return merged
 
