@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING
 from pydantic import SecretStr
 
 from tessera.server.client import DEFAULT_URL
+from tessera.store.tenants import new_api_key
 
 if TYPE_CHECKING:
     from tessera.server.server_settings import ServerSettings
@@ -74,7 +74,7 @@ def load_or_create(path: Path) -> tuple[str, bool]:
         return _read(path), False
     except OSError as exc:
         raise _cannot_create(path, exc) from exc
-    key = secrets.token_urlsafe(32)
+    key = new_api_key("tsa")
     with os.fdopen(fd, "w") as out:
         out.write(key + "\n")
         out.flush()

@@ -34,6 +34,14 @@ log = logging.getLogger("tessera.store.tenants")
 API_KEY_BYTES = 32
 
 
+def new_api_key(prefix: str = "tsk") -> str:
+    """A random bearer key, ``<prefix>_<43 url-safe characters>``. The prefix tells keys
+    apart in logs and secret scanners, and keeps a key from starting with ``-`` (which a
+    bare ``token_urlsafe`` does one time in 64, and which a command line then reads as an
+    option: ``--key -Xy...``)."""
+    return f"{prefix}_{secrets.token_urlsafe(API_KEY_BYTES)}"
+
+
 def hash_api_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
@@ -49,7 +57,7 @@ class TenantOps(StoreBase):
 
         async def attempt() -> tuple[str, list[str]]:
             nonlocal api_key
-            api_key = secrets.token_urlsafe(API_KEY_BYTES)
+            api_key = new_api_key()
             return await self._run(
                 self._create_tenant,
                 [k.tenant(name), k.tenants(), k.tenant_api_keys(name),
@@ -69,7 +77,7 @@ class TenantOps(StoreBase):
 
         async def attempt() -> tuple[str, list[str]]:
             nonlocal api_key
-            api_key = secrets.token_urlsafe(API_KEY_BYTES)
+            api_key = new_api_key()
             key_hash = hash_api_key(api_key)
             return await self._run(
                 self._add_api_key,

@@ -35,7 +35,8 @@ def mode(path: Path) -> int:
 def test_created_once_with_mode_600_then_reused(tmp_path: Path, open_umask: None) -> None:
     path = tmp_path / "new" / "dir" / "admin.key"
     key, created = load_or_create(path)
-    assert created and len(key) >= 40 and key.isascii() and key.strip() == key
+    assert created and key.startswith("tsa_") and len(key) >= 40
+    assert key.isascii() and key.strip() == key
     assert path.read_text() == key + "\n"
     assert mode(path) == 0o600 and mode(path.parent) == 0o700
     assert load_or_create(path) == (key, False)

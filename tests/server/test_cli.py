@@ -29,6 +29,7 @@ from torch import nn
 
 from tessera.adapters import artifact
 from tessera.server import cli, client
+from tessera.store.tenants import new_api_key
 from tests.factories import FACTORIES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,6 +82,17 @@ def test_admin_commands_need_a_key(clean_env: pytest.MonkeyPatch,
     assert cli.main(["list", "--url", "http://127.0.0.1:9", "--key", "k",
                      "--timeout", "2"]) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_generated_keys_pass_as_command_line_arguments() -> None:
+    """A bare token_urlsafe key starts with '-' one time in 64, and ``--key -Xy..`` then
+    reads as a missing argument (a CI run met it); generated keys carry a prefix."""
+    for prefix in ("tsk", "tsa"):  # tenant keys, the first-run admin key
+        for _ in range(2000):
+            key = new_api_key(prefix)
+            assert key.startswith(prefix + "_")
+            args = cli.build_parser().parse_args(["list", "--key", key, "tasks"])
+            assert args.key == key
 
 
 def test_upload_encodings(tmp_path: Path) -> None:
