@@ -50,6 +50,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
     where autograd would need one (``x`` requires grad) it runs ``F.linear`` instead."""
     if packed is None or (x.requires_grad and torch.is_grad_enabled()):
         return F.linear(x, weight, bias)
+    return packed_linear(x, packed, bias)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+                  ) -> torch.Tensor:
+    """``x W^T + b`` on ``packed`` (:func:`pack` of ``W``) alone: no backward (callers
+    that may need one hold the plain weight and call :func:`linear`)."""
     return cast(torch.Tensor,
                 torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""))
 

@@ -46,6 +46,10 @@ class PoolConfig(BaseModel):
         None, description="modules to wrap (PEFT rule); None = every adaptable projection")
     gather_budget: int = Field(1 << 22, ge=0,
                                description="max gathered elements per bank in gather mode")
+    dense_slots: int | None = Field(
+        None, ge=0, description="slots per module that may keep a dense [out, in] weight "
+                                "(HUT: W0 ⊙ a^T c, one GEMM instead of r); None = every "
+                                "slot, 0 = never (banks.hadamard)")
 
 
 Part = tuple[Method[Any], MethodConfig, Tensors]
@@ -94,7 +98,8 @@ class SlotPool:
         self.meta = StepMeta(config.num_slots, config.gather_budget, self.device)
         self.layers: dict[str, AdapterLayer] = {}
         for path, target in available.items():
-            banks = [BANKS[kind](config.num_slots, target, self.limits, self.dtype, self.device)
+            banks = [BANKS[kind](config.num_slots, target, self.limits, self.dtype, self.device,
+                                 dense_slots=config.dense_slots)
                      for kind in kinds]
             parent_path, _, child = path.rpartition(".")
             parent = model.get_submodule(parent_path)

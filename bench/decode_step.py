@@ -26,6 +26,12 @@ the mixed step both as the engine runs it (attention grouped by row length,
 
     python -m bench.decode_step --long-row --batch 32 --prompt 170
 
+``--hut-forms``: the decode step (hidden 1024, batch 32) with HUT adapters over 1, 4, 8,
+16, 32 slots, the Hadamard bank's stacked and dense forms forced and as its rule picks, vs
+the base step, timed alternately.
+
+    python -m bench.decode_step --hut-forms --reps 12
+
 ``--hot``: one decode step (batch ``--batch``, LoRA r16 on every projection) with one
 adapter at 75% of the rows (the others over 7 more) and at 100%: through slots vs merged
 into the step (``SlotPool.hot_merge``: W0 + dW_hot, the other rows corrected), timed
@@ -47,6 +53,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -54,6 +61,7 @@ from peft import get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from tessera.adapters import Adapter, Component, PoolConfig, SlotPool, kernels, registry
+from tessera.adapters.banks import hadamard
 from tessera.adapters.banks.lowrank import LowRankBank, choose_form
 from tessera.adapters.methods.lora import LoraConfig
 from tessera.adapters.peft_io import load_peft_dir
@@ -203,6 +211,39 @@ def forms(args: argparse.Namespace, counts: list[int]) -> list[dict[str, object]
     return rows
 
 
+def hut_forms(args: argparse.Namespace, counts: list[int]) -> list[dict[str, object]]:
+    """The decode step with HUT adapters (the test factories': ranks 2-5 on q, v, down)
+    spread round-robin over ``counts`` slots, the Hadamard bank's forms forced (stacked,
+    dense) and as its rule picks, vs the base step, timed alternately (the numbers behind
+    ``tessera.adapters.banks.hadamard.DENSE_MIN_TOKENS``)."""
+    model = build_model(args)
+    base = copy.deepcopy(model)  # the unwrapped twin the base step runs on
+    pool = SlotPool(model, PoolConfig(num_slots=max(counts), max_rank=args.rank,
+                                      methods=["hut"]))
+    gen = torch.Generator().manual_seed(7)
+    for slot in range(max(counts)):
+        pool.load(slot, FACTORIES["hut"](base, gen))
+    step, base_step = DecodeStep(model, args.batch, args.prompt), DecodeStep(
+        base, args.batch, args.prompt)
+
+    def forced(min_tokens: int, slots: list[int]) -> Callable[[], None]:
+        def run() -> None:
+            with patch.object(hadamard, "DENSE_MIN_TOKENS", min_tokens), pool.use(slots):
+                step.run()
+        return run
+
+    rows: list[dict[str, object]] = []
+    for n in counts:
+        slots = [i % n for i in range(args.batch)]
+        ms = paired_ms({"base": base_step.run, "stacked": forced(1 << 30, slots),
+                        "dense": forced(1, slots),
+                        "rule": forced(hadamard.DENSE_MIN_TOKENS, slots)}, args.reps)
+        rows.append({"adapters": n, "tokens_per_slot": args.batch // n, "base_ms": ms["base"],
+                     **{f"{k}_vs_base": ms[k] / ms["base"] for k in ("stacked", "dense",
+                                                                    "rule")}})
+    return rows
+
+
 class SlabStep:
     """The engine's batch KV slab holding rows of ``lengths`` tokens (random prefilled
     keys/values); ``run()`` is one decode step that leaves the slab as it was."""
@@ -339,6 +380,8 @@ def main() -> None:
                         help="LoRA only: step vs base over 1, 4, 16, 64 distinct adapters")
     parser.add_argument("--forms", action="store_true",
                         help="time the low-rank bank's gather-mode forms per module")
+    parser.add_argument("--hut-forms", action="store_true",
+                        help="HUT decode step: the Hadamard bank's stacked vs dense forms")
     parser.add_argument("--out", default=None,
                         help="JSON path (default bench/results/decode_step[_sweep|_forms].json)")
     parser.add_argument("--long-row", action="store_true",
@@ -347,10 +390,11 @@ def main() -> None:
     parser.add_argument("--hot", action="store_true",
                         help="one LoRA at 75%% / 100%% of the rows: slots vs merged (dLoRA)")
     args = parser.parse_args()
-    issue8 = args.sweep or args.forms or args.long_row or args.hot
+    issue8 = args.sweep or args.forms or args.long_row or args.hot or args.hut_forms
     args.hidden = args.hidden or (1024 if issue8 else 512)
-    args.batch = args.batch or (64 if issue8 else 32)
-    args.counts = args.counts or ("1,4,16,64" if issue8 else "1,8,32")
+    args.batch = args.batch or (64 if issue8 and not args.hut_forms else 32)
+    args.counts = args.counts or ("1,4,8,16,32" if args.hut_forms else
+                                  "1,4,16,64" if issue8 else "1,8,32")
     torch.set_num_threads(args.threads)
     counts = [int(c) for c in args.counts.split(",")]
     methods = args.methods.split(",")
@@ -360,6 +404,13 @@ def main() -> None:
             f"{row['base']:.1f} ms, slots {row['slots']:.1f} ms "
             f"({row['slots_vs_base']:.2f}x), merged {row['merged']:.1f} ms "
             f"({row['merged_vs_base']:.2f}x; {row['merged_vs_slots']:.2f}x slots)"))
+        return
+    if args.hut_forms:
+        report(args, hut_forms(args, counts), "bench/results/decode_step_hut_forms.json",
+               lambda row: (
+                   f"{row['adapters']} slots x {row['tokens_per_slot']} tokens: stacked "
+                   f"{row['stacked_vs_base']:.2f}x, dense {row['dense_vs_base']:.2f}x, rule "
+                   f"{row['rule_vs_base']:.2f}x the base step ({row['base_ms']:.1f} ms)"))
         return
     if args.long_row:
         report(args, long_row(args), "bench/results/decode_step_long_row.json", lambda row: (

@@ -48,6 +48,11 @@ class EngineSettings(BaseSettings):
     max_rank: int = Field(16, ge=1)
     max_bottleneck_dim: int = Field(64, ge=1)
     gather_budget: int = Field(1 << 22, ge=0)
+    dense_slots: int | None = Field(
+        None, ge=0, description="slots per module that may keep a dense weight for HUT "
+                                "adapters (one GEMM instead of r per token; one [out, in] "
+                                "weight per slot and HUT-targeted module); None = every "
+                                "slot, 0 = never")
     methods: list[str] | None = Field(
         None, description="adapter methods the slot pool allocates banks for (e.g. "
                           '["lora", "dora"]); None = every registered method')
@@ -123,7 +128,7 @@ class EngineSettings(BaseSettings):
         return PoolConfig(num_slots=self.num_slots, max_rank=self.max_rank,
                           max_bottleneck_dim=self.max_bottleneck_dim,
                           methods=self.methods, target_modules=self.target_modules,
-                          gather_budget=self.gather_budget)
+                          gather_budget=self.gather_budget, dense_slots=self.dense_slots)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -8,12 +8,14 @@ import torch
 
 from tessera.adapters import PoolConfig, SlotPool, merged_model, merged_weights, reference_model
 from tessera.adapters import targets as tg
+from tessera.adapters.banks import hadamard
 from tessera.adapters.banks.affine import AffineBank
 from tessera.adapters.banks.hadamard import HadamardBank
 from tessera.adapters.method import Adapter, Component, Limits, SlotData
 from tessera.adapters.methods.hut import HutConfig
 from tessera.adapters.plan import Routing
 from tessera.adapters.targets import TargetInfo
+from tessera.engine.settings import EngineSettings
 from tests.helpers import assert_close_scaled, logits, pool_logits
 from tests.models import FAMILIES, input_ids, tiny_model
 
@@ -91,6 +93,98 @@ def test_hadamard_identity_against_dense_construction() -> None:
     torch.testing.assert_close(bank.apply(h, x, w0, Routing(slots, 3, 0)), want)
 
 
+def dense_delta(w0: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``W0 ⊙ sum_j a_j c_j^T`` term by term, in plain torch."""
+    dense = torch.zeros_like(w0)
+    for j in range(a.shape[0]):
+        dense += w0 * torch.outer(a[j], c[j])
+    return dense  # [out, in]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # fp32: oneDNN-packed D
+@pytest.mark.parametrize("dense_slots", [None, 0, 1])
+def test_dense_and_stacked_forms_match_the_dense_construction(
+        dtype: torch.dtype, dense_slots: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every slot through its cached ``D`` (None), none (0), or the first slot used only
+    (1: the other runs the stacked form, nothing is evicted); a write drops the slot's
+    ``D``. Segment mode (views and gathers) and gather mode against plain torch."""
+    monkeypatch.setattr(hadamard, "DENSE_MIN_TOKENS", 1)  # any slot may take its D
+    out_f, in_f = 12, 10
+    w0 = rand(out_f, in_f, seed=11).to(dtype)
+    factors = {s: (rand(r, out_f, seed=12 + s).to(dtype), rand(r, in_f, seed=20 + s).to(dtype))
+               for s, r in ((0, 3), (1, 2), (2, 4))}
+    target = TargetInfo("m.proj", in_f, out_f, "linear", False)
+    bank = HadamardBank(4, target, Limits(max_rank=4), dtype, torch.device("cpu"),
+                        dense_slots=dense_slots)
+    for s, (a, c) in factors.items():
+        bank.write(s, SlotData({"a": a, "c": c}))
+    x, h = rand(9, in_f, seed=30).to(dtype), rand(9, out_f, seed=31).to(dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+
+    def check(slots: list[int], budget: int) -> None:
+        want = h.clone()
+        for i, s in enumerate(slots):
+            if s in factors:
+                want[i] += dense_delta(w0, *factors[s]) @ x[i]
+        with torch.no_grad():
+            got = bank.apply(h.clone(), x, w0, Routing(torch.tensor(slots), 4, budget))
+        torch.testing.assert_close(got, want, **tol)
+
+    prefill = [0, 0, 0, 1, 1, 2, 2, 2, -1]  # runs: views
+    decode = [0, 1, 2, 0, 1, 2, 3, 0, 1]  # scattered: gathers (slot 3 empty)
+    for slots in (prefill, decode, [2] * 9):
+        for budget in (0, 1 << 30):
+            check(slots, budget)
+    cached = {key[0] for key in bank.dense.entries}
+    assert cached == {None: {0, 1, 2}, 0: set(), 1: {0}}[dense_slots]
+    assert all(d.packed == (dtype == torch.float32) for d in bank.dense.entries.values())
+    a, c = rand(1, out_f, seed=40).to(dtype), rand(1, in_f, seed=41).to(dtype)
+    bank.write(0, SlotData({"a": a, "c": c}))  # a new adapter in slot 0: its D is dropped
+    assert (0,) not in bank.dense.entries
+    factors[0] = (a, c)
+    check(decode, 0)
+    check(prefill, 1 << 30)
+
+
+def test_only_slots_with_tokens_enough_take_their_dense_form() -> None:
+    """``n r >= DENSE_MIN_TOKENS``: one slot on most tokens of a decode batch takes ``D``, the
+    strays share the stacked GEMM (gather mode) or run it alone (segment mode)."""
+    out_f, in_f, n = 8, 6, 2 * hadamard.DENSE_MIN_TOKENS
+    w0 = rand(out_f, in_f, seed=60)
+    factors = {s: (rand(r, out_f, seed=61 + s), rand(r, in_f, seed=65 + s))
+               for s, r in ((0, 2), (1, 3), (2, 1))}
+    target = TargetInfo("m.proj", in_f, out_f, "linear", False)
+    slots = [1 if i % 16 == 3 else 2 if i % 16 == 9 else 0 for i in range(n)]  # 0: 7/8
+    x, h = rand(n, in_f, seed=70), rand(n, out_f, seed=71)
+    want = h.clone()
+    for i, s in enumerate(slots):
+        want[i] += dense_delta(w0, *factors[s]) @ x[i]
+    for budget in (0, 1 << 30):
+        bank = HadamardBank(3, target, Limits(max_rank=4), torch.float32, torch.device("cpu"))
+        for s, (a, c) in factors.items():
+            bank.write(s, SlotData({"a": a, "c": c}))
+        with torch.no_grad():
+            got = bank.apply(h.clone(), x, w0, Routing(torch.tensor(slots), 3, budget))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert list(bank.dense.entries) == [(0,)]
+
+
+def test_the_dense_form_is_not_taken_where_autograd_needs_a_backward() -> None:
+    out_f, in_f = 6, 5
+    w0 = rand(out_f, in_f, seed=50)
+    a, c = rand(2, out_f, seed=51), rand(2, in_f, seed=52)
+    bank = HadamardBank(1, TargetInfo("m.proj", in_f, out_f, "linear", False),
+                        Limits(max_rank=2), torch.float32, torch.device("cpu"))
+    bank.write(0, SlotData({"a": a, "c": c}))
+    n = hadamard.DENSE_MIN_TOKENS  # tokens enough for D without autograd
+    x = rand(n, in_f, seed=53).requires_grad_()
+    bank.apply_slot(0, torch.zeros(n, out_f), x, w0).sum().backward()
+    assert not bank.dense.entries  # the stacked form ran: D is built without a graph
+    want = dense_delta(w0, a, c).sum(dim=0).expand(n, in_f)  # d/dx of sum(D x)
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, want)
+
+
 def test_affine_bank_leaves_null_and_other_rows_alone() -> None:
     target = TargetInfo("m.proj", 5, 7, "linear", False)
     bank = AffineBank(2, target, Limits(), torch.float32, torch.device("cpu"))
@@ -140,3 +234,17 @@ def test_zero_shift_keeps_a_bias_free_layer_bias_free() -> None:
                  for p, t in component.modules.items()}
     merged = merged_weights(model, Adapter((Component("hut", config, zero_beta),)))
     assert all(b is None for _, b in merged.values())
+
+
+def test_the_dense_cap_reaches_every_hadamard_bank_from_the_settings(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TESSERA_DENSE_SLOTS", "1")
+    config = EngineSettings().pool_config()
+    assert config.dense_slots == 1
+    pool = SlotPool(tiny_model("llama"), config.model_copy(update={"num_slots": 3}))
+    caps = {b.dense.max_entries for banks in pool.banks().values() for b in banks.values()
+            if isinstance(b, HadamardBank)}
+    assert caps == {1}
+    uncapped = SlotPool(tiny_model("llama"), PoolConfig(num_slots=3))
+    assert {b.dense.max_entries for banks in uncapped.banks().values()
+            for b in banks.values() if isinstance(b, HadamardBank)} == {3}

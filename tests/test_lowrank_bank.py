@@ -17,7 +17,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from tessera.adapters import Adapter, Component, PoolConfig, SlotPool
-from tessera.adapters.banks.lowrank import LowRankBank, Stack, StackCache, choose_form
+from tessera.adapters.banks.cache import DerivedCache
+from tessera.adapters.banks.lowrank import LowRankBank, Stack, choose_form
 from tessera.adapters.method import Limits, SlotData
 from tessera.adapters.methods.lora import LoraConfig
 from tessera.adapters.plan import Routing
@@ -300,7 +301,7 @@ def test_stack_cache_is_bounded_and_drops_a_stack_built_across_an_invalidation()
     def stack(u: int) -> Stack:
         return Stack(torch.zeros(u, 1, 2), torch.zeros(u, 1, 3))  # numel 5 u
 
-    cache = StackCache(budget=30, entries=2)
+    cache: DerivedCache[Stack] = DerivedCache(budget=30, entries=2)
     for key in [(0,), (1,), (2,)]:
         cache.get(key, lambda: stack(1))
     assert list(cache.entries) == [(1,), (2,)] and cache.numel == 10  # LRU, 2 entries

@@ -41,8 +41,12 @@ class Bank(ABC):
     rank_tensor: ClassVar[tuple[str, int] | None] = None  # (name, dim) holding the padded rank
 
     def __init__(self, num_slots: int, target: TargetInfo, limits: Limits,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, *,
+                 dense_slots: int | None = None) -> None:
+        """``dense_slots``: how many slots may keep a dense ``[out, in]`` weight derived
+        from their rows, for banks that derive one (HUT's, :mod:`.hadamard`); None = all."""
         self.num_slots = num_slots
+        self.dense_slots = num_slots if dense_slots is None else min(dense_slots, num_slots)
         self.target = target
         self.t: dict[str, torch.Tensor] = {
             name: torch.full((num_slots + 1, *shape), self.fills[name], dtype=dtype,
@@ -127,15 +131,20 @@ class Bank(ABC):
         if self.stage == "input":
             h = h.clone()  # h is the caller's activation: never write into it
         for slot in active:
-            spans = routing.spans[slot]
-            if len(spans) <= MAX_SPANS:  # few runs (prefill rows): views, nothing gathered
-                for start, stop in spans:
-                    self.apply_span(slot, h[start:stop], x[start:stop], weight)
-                continue
-            rows = routing.rows(slot)  # [n_s]
-            part = self.apply_slot(slot, h.index_select(0, rows), x.index_select(0, rows), weight)
-            h.index_copy_(0, rows, part)
+            self.apply_slot_tokens(routing, slot, h, x, weight)
         return h
+
+    def apply_slot_tokens(self, routing: Routing, slot: int, h: torch.Tensor, x: torch.Tensor,
+                          weight: torch.Tensor) -> None:
+        """Segment mode for one slot's tokens, in place on ``h`` ``[N, *]``."""
+        spans = routing.spans[slot]
+        if len(spans) <= MAX_SPANS:  # few runs (prefill rows): views, nothing gathered
+            for start, stop in spans:
+                self.apply_span(slot, h[start:stop], x[start:stop], weight)
+            return
+        rows = routing.rows(slot)  # [n_s]
+        part = self.apply_slot(slot, h.index_select(0, rows), x.index_select(0, rows), weight)
+        h.index_copy_(0, rows, part)
 
     @abstractmethod
     def apply_slot(self, slot: int, h: torch.Tensor, x: torch.Tensor,

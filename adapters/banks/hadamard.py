@@ -2,17 +2,43 @@
 
     y += sum_j a_j ⊙ (W0 (c_j ⊙ x)),   a: [r_max, out],  c: [r_max, in]
 
-which equals ``(W0 ⊙ sum_j a_j c_j^T) x`` without building a per-adapter dense weight. Each
-token's ``r`` scaled copies of ``x`` are stacked and multiplied by W0 in one GEMM: W0 is read
-once per layer however many adapters the batch holds (decode stays memory-bound), at ``r``
-times the base FLOPs. Empty rows (``a = c = 0``) add exactly zero; ``slot_rank`` skips them.
+which equals ``D x`` with ``D = W0 ⊙ sum_j a_j c_j^T`` ``[out, in]``. Two forms:
+
+- *stacked*: each token's ``r`` scaled copies of ``x`` are stacked and multiplied by W0 in
+  one GEMM: no per-adapter weight, W0 read once per layer however many adapters the batch
+  holds, at ``r`` times the base's FLOPs on the slot's tokens (gather mode pads every token
+  to the largest active rank).
+- *dense*: ``D`` built once per slot (``r out in`` multiply-adds, like ``r`` tokens of the
+  stacked form), kept until the slot is written (:mod:`.cache`), packed for oneDNN where
+  it runs (:mod:`tessera.adapters.kernels`); then one GEMM per slot on its tokens: the
+  base's FLOPs, not ``r`` times them. It costs one ``[out, in]`` weight per slot held:
+  ``PoolConfig.dense_slots`` caps the slots per module that keep one (default: every
+  slot). Slots past the cap run the stacked form rather than evict another's ``D``
+  (active slots over the cap would rebuild each other every step).
+
+A slot takes its dense form when it has at least ``DENSE_MIN_TOKENS`` tokens in the
+forward and a rank above 1 (prefill; a tenant with a large share of a decode batch), else
+the stacked form (gather mode: on the stacked slots' tokens alone); the stacked form also
+where no ``D`` is allowed and where autograd needs a backward through ``x`` or W0. Fit:
+``python -m bench.decode_step --hut-forms --reps 12`` (HUT ranks 2-5 on q, v, down; hidden
+1024, 4 layers, batch 32, fp32 oneDNN, 2-core AMD EPYC, 2026-12-01; decode step vs the
+base step, timed alternately), slots of 32 / 8 / 4 / 2 / 1 tokens each: stacked 2.58 /
+2.65 / 2.58 / 2.61 / 2.72x, dense 1.33 / 1.68 / 3.22 / 4.26 / 5.25x, the rule 1.33 / 1.69 /
+2.60 / 2.64 / 2.73x: below 8 tokens reading ``D`` costs more than ``r``
+products with the shared W0 (memory-bound: one weight per slot). On a GPU, where decode
+is memory-bound throughout, the balance differs: not measured (no GPU lent). Empty rows
+(``a = c = 0``) add exactly zero; ``slot_rank`` skips them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from tessera.adapters.banks.base import Bank
+from tessera.adapters import kernels
+from tessera.adapters.banks.base import MAX_SPANS, Bank
+from tessera.adapters.banks.cache import DerivedCache
 from tessera.adapters.method import Limits
 from tessera.adapters.plan import Routing
 from tessera.adapters.targets import TargetInfo
@@ -36,31 +62,130 @@ def _stacked(x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor,
     return (z.reshape(n, r, -1) * a).sum(dim=1)  # [N, out]
 
 
+@dataclass(frozen=True)
+class Dense:
+    """One slot's ``D = W0 ⊙ a^T c``: ``[out, in]``, or oneDNN's packed layout of it."""
+
+    weight: torch.Tensor  # [out, in] (opaque when packed)
+    packed: bool
+    numel: int  # out * in
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``D x``: ``x`` ``[n, in]`` -> ``[n, out]``."""
+        if self.packed:
+            return kernels.packed_linear(x, self.weight, None)
+        return x @ self.weight.t()
+
+
+# A slot's dense form turns ``n r`` rows of GEMM against W0 into ``n`` rows against ``D``,
+# at the price of reading ``D``: worth it from this many tokens (fit in the docstring).
+DENSE_MIN_TOKENS = 8
+
+
+def takes_dense(num_tokens: int, rank: int) -> bool:
+    """Whether a slot of ``rank`` on ``num_tokens`` tokens of a forward runs its dense form
+    (rank 1: one product with W0 either way, and no ``D`` to read)."""
+    return rank > 1 and num_tokens >= DENSE_MIN_TOKENS
+
+
 class HadamardBank(Bank):
     kind = "hadamard"
     stage = "delta"
     fills = {"a": 0.0, "c": 0.0}
     rank_tensor = ("c", 0)
 
+    def __init__(self, num_slots: int, target: TargetInfo, limits: Limits,
+                 dtype: torch.dtype, device: torch.device, *,
+                 dense_slots: int | None = None) -> None:
+        super().__init__(num_slots, target, limits, dtype, device, dense_slots=dense_slots)
+        size = target.out_features * target.in_features
+        self.dense: DerivedCache[Dense] = DerivedCache(
+            budget=self.dense_slots * size, entries=self.dense_slots, evict=False)
+        self.pack = kernels.supported(dtype, device.type)
+
     @classmethod
     def shapes(cls, target: TargetInfo, limits: Limits) -> dict[str, tuple[int, ...]]:
         return {"a": (limits.max_rank, target.out_features),  # [r_max, out]
                 "c": (limits.max_rank, target.in_features)}  # [r_max, in]
 
+    def slot_changed(self, slot: int) -> None:
+        self.dense.invalidate(slot)
+
+    # --- dense form ---------------------------------------------------------------------
+    def dense_for(self, slot: int, num_tokens: int, x: torch.Tensor, weight: torch.Tensor
+                  ) -> Dense | None:
+        """The slot's ``D`` for its ``num_tokens`` tokens of the forward (built on first
+        use), or None where the stacked form runs: too few tokens (:func:`takes_dense`),
+        the cap reached, or autograd needing a backward (``D`` is built without one)."""
+        if not takes_dense(num_tokens, self.slot_rank[slot]):
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return None
+        if not self.dense.admits((slot,)):
+            return None
+        return self.dense.get((slot,), lambda: self.build_dense(slot, weight))
+
+    def build_dense(self, slot: int, weight: torch.Tensor) -> Dense:
+        r = self.slot_rank[slot]
+        with torch.no_grad():
+            d = weight * (self.t["a"][slot, :r].t() @ self.t["c"][slot, :r])  # [out, in]
+            return Dense(kernels.pack(d) if self.pack else d, self.pack, d.numel())
+
+    # --- forward --------------------------------------------------------------------------
     def apply_slot(self, slot: int, h: torch.Tensor, x: torch.Tensor,
                    weight: torch.Tensor) -> torch.Tensor:
         r = self.slot_rank[slot]
         if r == 0:
             return h
+        dense = self.dense_for(slot, x.shape[0], x, weight)
+        if dense is not None:
+            return h + dense.matmul(x)  # [n, out]
         a = self.t["a"][slot, :r].unsqueeze(0)  # [1, r, out]
         c = self.t["c"][slot, :r].unsqueeze(0)  # [1, r, in]
         return h + _stacked(x, weight, a, c)  # [n, out]
 
+    def apply_slot_tokens(self, routing: Routing, slot: int, h: torch.Tensor, x: torch.Tensor,
+                          weight: torch.Tensor) -> None:
+        """Dense or stacked decided once for all the slot's tokens (a run of them is fewer:
+        by :func:`takes_dense` being monotone in the tokens, stacked stays stacked)."""
+        dense = self.dense_for(slot, routing.counts[slot], x, weight)
+        if dense is None:
+            super().apply_slot_tokens(routing, slot, h, x, weight)
+            return
+        spans = routing.spans[slot]
+        if len(spans) <= MAX_SPANS:
+            for start, stop in spans:
+                h[start:stop].add_(dense.matmul(x[start:stop]))  # [n, out], in place
+            return
+        rows = routing.rows(slot)  # [n_s]
+        h.index_add_(0, rows, dense.matmul(x.index_select(0, rows)))
+
     def apply_tokens(self, routing: Routing, active: list[int], h: torch.Tensor,
                      x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Slots with tokens enough take their ``D`` on those tokens (segment mode); the
+        others' tokens share one stacked GEMM, padded to their largest rank."""
+        dense = [s for s in active
+                 if takes_dense(routing.counts[s], self.slot_rank[s])
+                 and self.dense.admits((s,))]
+        stacked = [s for s in active if s not in dense]
+        if stacked and not dense:
+            return self.stacked_tokens(routing.index, stacked, h, x, weight)
+        if stacked:  # on their tokens alone
+            rows = torch.cat([routing.rows(s) for s in stacked])  # [M]
+            h.index_copy_(0, rows, self.stacked_tokens(
+                routing.index.index_select(0, rows), stacked, h.index_select(0, rows),
+                x.index_select(0, rows), weight))
+        for slot in dense:
+            self.apply_slot_tokens(routing, slot, h, x, weight)
+        return h
+
+    def stacked_tokens(self, index: torch.Tensor, active: list[int], h: torch.Tensor,
+                       x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The stacked form with each token's own factors: ``index`` ``[n]`` (bank rows),
+        ``h`` ``[n, out]``, ``x`` ``[n, in]``."""
         r = self.max_rank(active)
         if r == 0:
             return h
-        a = self.t["a"][routing.index, :r]  # [N, r, out]
-        c = self.t["c"][routing.index, :r]  # [N, r, in]
-        return h + _stacked(x, weight, a, c)  # [N, out]
+        a = self.t["a"][index, :r]  # [n, r, out]
+        c = self.t["c"][index, :r]  # [n, r, in]
+        return h + _stacked(x, weight, a, c)  # [n, out]

@@ -15,7 +15,7 @@ them, ``L`` = the most tokens any one of them has) has three forms:
 - *per-token* (BGMV-like): gather each token's ``A``, ``B`` (``N r (in + out)`` elements
   copied) and run two ``bmm`` of matrix-vector products. Needs no stacked factors.
 
-Stacked and segment read the active factors from a :class:`StackCache`: ``A_stack``
+Stacked and segment read the active factors from a :class:`~.cache.DerivedCache`: ``A_stack``
 ``[U, r, in]`` and ``B_stack^T`` ``[U, r, out]``, contiguous, built (index_select + one
 transpose copy) the first time a set of active slots is seen and reused while the set is
 unchanged, which is every decode step between joins and leaves. A write or eviction of a
@@ -57,15 +57,13 @@ never takes gather mode either, so the ``U = 1`` row is for reference.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from tessera.adapters.banks.base import Bank
+from tessera.adapters.banks.cache import DerivedCache
 from tessera.adapters.method import Limits
 from tessera.adapters.plan import Routing
 from tessera.adapters.targets import TargetInfo
@@ -106,59 +104,6 @@ class Stack:
         return self.a.numel() + self.bt.numel()
 
 
-class StackCache:
-    """Stacked factors by tuple of active slots: an LRU of ``entries`` sets holding at most
-    ``budget`` elements together. :meth:`invalidate` drops every set holding a slot; a
-    stack built while an invalidation happened is returned but not kept, so the cache
-    never serves factors older than the last write."""
-
-    def __init__(self, budget: int, entries: int = STACK_ENTRIES) -> None:
-        self.budget = budget
-        self.max_entries = entries
-        self.entries: OrderedDict[tuple[int, ...], Stack] = OrderedDict()
-        self.numel = 0
-        self.hits = 0
-        self.misses = 0
-        self._generation = 0  # bumped by every invalidation
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[int, ...], build: Callable[[], Stack]) -> Stack:
-        with self._lock:
-            found = self.entries.get(key)
-            if found is not None:
-                self.entries.move_to_end(key)
-                self.hits += 1
-                return found
-            self.misses += 1
-            generation = self._generation
-        stack = build()
-        with self._lock:
-            if generation == self._generation and key not in self.entries \
-                    and stack.numel <= self.budget:
-                self.entries[key] = stack
-                self.numel += stack.numel
-                while self.numel > self.budget or len(self.entries) > self.max_entries:
-                    _, old = self.entries.popitem(last=False)
-                    self.numel -= old.numel
-        return stack
-
-    def invalidate(self, slot: int) -> None:
-        with self._lock:
-            self._generation += 1
-            for key in [key for key in self.entries if slot in key]:
-                self.numel -= self.entries.pop(key).numel
-
-    def __getstate__(self) -> dict[str, object]:
-        """A copied (deepcopy, pickle) cache starts empty: its entries were built from the
-        original bank's tensors, and a lock cannot be copied."""
-        return {"budget": self.budget, "max_entries": self.max_entries}
-
-    def __setstate__(self, state: dict[str, object]) -> None:
-        budget, entries = state["budget"], state["max_entries"]
-        assert isinstance(budget, int) and isinstance(entries, int)
-        self.__init__(budget, entries)  # type: ignore[misc]
-
-
 class LowRankBank(Bank):
     kind = "lowrank"
     stage = "delta"
@@ -166,10 +111,12 @@ class LowRankBank(Bank):
     rank_tensor = ("A", 0)
 
     def __init__(self, num_slots: int, target: TargetInfo, limits: Limits,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(num_slots, target, limits, dtype, device)
+                 dtype: torch.dtype, device: torch.device, *,
+                 dense_slots: int | None = None) -> None:
+        super().__init__(num_slots, target, limits, dtype, device, dense_slots=dense_slots)
         # at most the bank's own size: worst case, the pool's memory doubles
-        self.stacks = StackCache(budget=self.t["A"].numel() + self.t["B"].numel())
+        self.stacks: DerivedCache[Stack] = DerivedCache(
+            budget=self.t["A"].numel() + self.t["B"].numel(), entries=STACK_ENTRIES)
 
     @classmethod
     def shapes(cls, target: TargetInfo, limits: Limits) -> dict[str, tuple[int, ...]]:
