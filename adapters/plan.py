@@ -18,6 +18,11 @@ import torch
 from tessera.adapters import kernels
 from tessera.adapters.errors import PoolError
 
+# Segment mode reads a slot's tokens as views of the batch (no gather) when they lie in
+# one run, or in at most MAX_SPANS runs of MIN_RUN tokens on average (Routing.views).
+MAX_SPANS = 4
+MIN_RUN = 8
+
 
 @dataclass(frozen=True)
 class Segments:
@@ -86,6 +91,18 @@ class Routing:
         self._rows: dict[int, torch.Tensor] = {}
         self._membership: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._segments: dict[tuple[int, ...], Segments] = {}
+
+    def views(self, slot: int) -> list[tuple[int, int]] | None:
+        """The runs ``[start, stop)`` of ``slot``'s tokens where segment mode should read
+        them as views of the batch: one run, or at most ``MAX_SPANS`` runs of
+        ``MIN_RUN`` tokens on average (prefill rows); None where gathering them is cheaper
+        (decode rows scattered over the batch: a few ops per run would cost more than one
+        ``index_select`` and ``index_copy_``)."""
+        spans = self.spans[slot]
+        if len(spans) == 1 or (len(spans) <= MAX_SPANS
+                               and self.counts[slot] >= MIN_RUN * len(spans)):
+            return spans
+        return None
 
     def rows(self, slot: int) -> torch.Tensor:
         """Token positions ``[n_s]`` that use ``slot`` (cached for all layers)."""

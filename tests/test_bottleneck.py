@@ -138,6 +138,36 @@ def test_compatible_slots_use_gather_mode(layer_norm: bool, gather_calls: list[i
         assert_close_scaled(mixed[row], want, 1e-5, f"row {row} slot {slot}")
 
 
+def test_gather_mode_never_serves_a_replaced_adapter(gather_calls: list[int]) -> None:
+    """The stacked D / U^T of the active slots are kept between forwards and dropped when
+    a slot is written: after replacing slot 1 (another width) rows match the new adapter."""
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(8)
+    adapters = [make_bottleneck_adapter(model, gen, dim=d, act="gelu", layer_norm=True)
+                for d in (3, 5, 6)]
+    ids = input_ids(4, 6)
+    slots = [1, 0, -1, 1]
+    pool = SlotPool(model, PoolConfig(num_slots=2, max_bottleneck_dim=8))
+    pool.load(0, adapters[0])
+    pool.load(1, adapters[1])
+    bank = pool.banks()["model.layers.0.mlp.down_proj"]["bottleneck"]
+    assert isinstance(bank, BottleneckBank)
+    base = logits(model, ids)
+    for replaced in (False, True):
+        if replaced:
+            pool.load(1, adapters[2])
+            assert not bank.stacks.entries  # the write dropped the stack holding slot 1
+        refs = [logits(reference_model(model, adapters[i]), ids)
+                for i in (0, 2 if replaced else 1)]
+        for _ in range(2):  # built, then served from the cache
+            mixed = pool_logits(pool, model, ids, slots)
+            for row, slot in enumerate(slots):
+                want = base[row] if slot < 0 else refs[slot][row]
+                assert_close_scaled(mixed[row], want, 1e-5, f"row {row} slot {slot}")
+        assert list(bank.stacks.entries) == [(0, 1)] and bank.stacks.hits >= 1
+    assert gather_calls  # gather mode throughout (the default budget admits the stacks)
+
+
 def test_bank_meta_and_can_gather() -> None:
     model = tiny_model("llama")
     gen = torch.Generator().manual_seed(7)

@@ -17,11 +17,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from tessera.adapters import Adapter, Component, PoolConfig, SlotPool
-from tessera.adapters.banks.cache import DerivedCache
-from tessera.adapters.banks.lowrank import LowRankBank, Stack, choose_form
+from tessera.adapters.banks.cache import DerivedCache, Stack
+from tessera.adapters.banks.lowrank import LowRankBank, choose_form
 from tessera.adapters.method import Limits, SlotData
 from tessera.adapters.methods.lora import LoraConfig
-from tessera.adapters.plan import Routing
+from tessera.adapters.plan import MAX_SPANS, MIN_RUN, Routing
 from tessera.adapters.targets import TargetInfo
 
 TARGET = TargetInfo("layers.0.q_proj", in_features=12, out_features=10, kind="linear",
@@ -132,9 +132,14 @@ def test_routing_finds_each_slots_runs_and_counts(ids: list[int]) -> None:
 @pytest.mark.parametrize("ids", [
     [0] * 7 + [1] * 5 + [-1] * 3 + [2] * 6,  # prefill rows side by side: one run each
     [0, 1] * 6 + [2] * 3,  # slots 0 and 1 in six runs each: gathered
-    [0, -1, 0, 1, 1, 0, -1, 0, 2],  # slot 0 in four runs (views), the rest in one
+    [0, -1, 0, 1, 1, 0, -1, 0, 2],  # slot 0 in four short runs (gathered), the rest in one
+    [0] * 8 + [1] * 3 + [0] * 9 + [-1, 2],  # slot 0 in two long runs (views)
 ])
 def test_segment_mode_views_and_gathers_equal_the_loop(ids: list[int]) -> None:
+    routing = Routing(torch.tensor(ids), 3, gather_budget=0)  # segment mode
+    for slot, spans in runs_of(ids).items():  # views: one run, or a few long ones
+        long = len(spans) <= MAX_SPANS and sum(b - a for a, b in spans) >= MIN_RUN * len(spans)
+        assert routing.views(slot) == (spans if len(spans) == 1 or long else None)
     gen = torch.Generator().manual_seed(len(ids))
     bank = new_bank(3)
     factors: Factors = {}
@@ -142,7 +147,6 @@ def test_segment_mode_views_and_gathers_equal_the_loop(ids: list[int]) -> None:
         write(bank, factors, slot, rank, gen)
     x = torch.randn(len(ids), TARGET.in_features, generator=gen)  # [N, in]
     h = torch.randn(len(ids), TARGET.out_features, generator=gen)  # [N, out]
-    routing = Routing(torch.tensor(ids), 3, gather_budget=0)  # segment mode
     got = bank.apply(h.clone(), x, x, routing)
     torch.testing.assert_close(got, plain_loop(factors, ids, h, x), rtol=1e-5, atol=1e-5)
 

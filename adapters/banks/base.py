@@ -28,11 +28,6 @@ from tessera.adapters.targets import TargetInfo
 
 BankStage = Literal["input", "delta", "scale", "output"]
 
-# Segment mode reads a slot's tokens as views of the batch when they lie in at most this
-# many runs (a prefill row is one run; rows of one adapter side by side are one run), and
-# gathers them (index_select, index_copy_) otherwise.
-MAX_SPANS = 4
-
 
 class Bank(ABC):
     kind: ClassVar[str]
@@ -123,10 +118,10 @@ class Bank(ABC):
         if not active:
             return h
         gather = (len(active) > 1 and self.can_gather(active)
-                  and routing.num_tokens * self.slot_numel <= routing.gather_budget)
+                  and self.gather_elements(routing, active) <= routing.gather_budget)
         if gather:
             return self.apply_tokens(routing, active, h, x, weight)
-        if len(active) == 1 and routing.rows(active[0]).shape[0] == routing.num_tokens:
+        if len(active) == 1 and routing.counts[active[0]] == routing.num_tokens:
             return self.apply_slot(active[0], h, x, weight)  # whole batch on one slot
         if self.stage == "input":
             h = h.clone()  # h is the caller's activation: never write into it
@@ -137,8 +132,8 @@ class Bank(ABC):
     def apply_slot_tokens(self, routing: Routing, slot: int, h: torch.Tensor, x: torch.Tensor,
                           weight: torch.Tensor) -> None:
         """Segment mode for one slot's tokens, in place on ``h`` ``[N, *]``."""
-        spans = routing.spans[slot]
-        if len(spans) <= MAX_SPANS:  # few runs (prefill rows): views, nothing gathered
+        spans = routing.views(slot)
+        if spans is not None:  # few long runs (prefill rows): views, nothing gathered
             for start, stop in spans:
                 self.apply_span(slot, h[start:stop], x[start:stop], weight)
             return
@@ -164,6 +159,11 @@ class Bank(ABC):
 
     def can_gather(self, active: list[int]) -> bool:
         return True
+
+    def gather_elements(self, routing: Routing, active: list[int]) -> int:
+        """Elements gather mode copies for this batch (bounded by ``gather_budget``): by
+        default every token's slot parameters."""
+        return routing.num_tokens * self.slot_numel
 
     def max_rank(self, active: list[int]) -> int:
         return max(self.slot_rank[s] for s in active)

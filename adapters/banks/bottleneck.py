@@ -8,8 +8,11 @@ Slots are padded to the pool's ``max_bottleneck_dim``: padding hidden units have
 in ``D``/``d`` and zero columns in ``U``, and every allowed activation maps 0 to 0, so they
 are exact no-ops. The activation, whether LN is applied and its eps are host-side per-slot
 metadata (``slot_meta``); gather mode needs all active slots to agree on them, otherwise the
-base class falls back to segment mode. An empty slot (and the null row) yields ``z = 0`` and
-``LN(0) * 1 + 0 = 0``, so base-only tokens are untouched in gather mode too.
+base class falls back to segment mode. Gather mode is *stacked*, as the low-rank bank's:
+the active slots' ``D`` and ``U^T`` stacked once per set of active slots (kept until a slot
+is written, :mod:`.cache`), two GEMMs for the batch, each token's block kept. An empty
+slot (and the null row) yields ``z = 0`` and ``LN(0) * 1 + 0 = 0``, so base-only tokens
+are untouched in gather mode too.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from tessera.adapters.banks.base import Bank
+from tessera.adapters.banks.cache import STACK_ENTRIES, DerivedCache, Stack
 from tessera.adapters.method import Limits
 from tessera.adapters.plan import Routing
 from tessera.adapters.targets import TargetInfo
@@ -53,6 +57,17 @@ class BottleneckBank(Bank):
              "ln_weight": 1.0, "ln_bias": 0.0}
     rank_tensor = ("down", 0)
 
+    def __init__(self, num_slots: int, target: TargetInfo, limits: Limits,
+                 dtype: torch.dtype, device: torch.device, *,
+                 dense_slots: int | None = None) -> None:
+        super().__init__(num_slots, target, limits, dtype, device, dense_slots=dense_slots)
+        # at most the bank's own size (as the low-rank bank's stacks)
+        self.stacks: DerivedCache[Stack] = DerivedCache(
+            budget=self.t["down"].numel() + self.t["up"].numel(), entries=STACK_ENTRIES)
+
+    def slot_changed(self, slot: int) -> None:
+        self.stacks.invalidate(slot)
+
     @classmethod
     def shapes(cls, target: TargetInfo, limits: Limits) -> dict[str, tuple[int, ...]]:
         k, out = limits.max_bottleneck_dim, target.out_features
@@ -78,19 +93,42 @@ class BottleneckBank(Bank):
 
     def apply_tokens(self, routing: Routing, active: list[int], h: torch.Tensor,
                      x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Stacked: every token against every active slot's ``D`` in one GEMM
+        ``[N, U k]``, the activation, each token's own block kept, one GEMM with the
+        stacked ``U^T``; biases and LayerNorm affines picked per token by ``index_select``
+        (``[N, out]``). Base-only tokens keep no block: ``z = 0``, ``LN(0) = 0``."""
         meta = self.slot_meta[active[0]]  # can_gather: every active slot agrees
-        k = self.max_rank(active)
+        stack = self.stacks.get(tuple(active), lambda: self.build_stack(active))
+        u, k = stack.a.shape[0], stack.a.shape[1]
+        slots, onehot = routing.membership(active)  # [U], [N, U]
         idx = routing.index  # [N], null row for base-only tokens
         t = self.t
-        down = t["down"][idx, :k]  # [N, k, out]
-        hidden = torch.bmm(down, h.unsqueeze(-1)).squeeze(-1) + t["down_bias"][idx, :k]  # [N, k]
-        hidden = activation(meta["activation"])(hidden)
-        up = t["up"][idx, :, :k]  # [N, out, k]
-        z = torch.bmm(up, hidden.unsqueeze(-1)).squeeze(-1) + t["up_bias"][idx]  # [N, out]
+        down_bias = t["down_bias"][:, :k].index_select(0, slots)  # [U, k]
+        hidden = torch.addmm(down_bias.view(-1), h, stack.a.view(u * k, -1).t())  # [N, U k]
+        hidden = activation(meta["activation"])(hidden).view(-1, u, k)
+        # masked_fill, not a multiply: another slot's overflow (inf * 0) must not leak
+        hidden = hidden.masked_fill(~onehot.unsqueeze(-1), 0.0)  # [N, U, k]
+        z = torch.addmm(t["up_bias"].index_select(0, idx), hidden.view(-1, u * k),
+                        stack.bt.view(u * k, -1))  # [N, out]
         if meta["layer_norm"]:
             z = F.layer_norm(z, (z.shape[-1],), eps=meta["eps"])  # [N, out]
-            z = z * t["ln_weight"][idx] + t["ln_bias"][idx]  # per-token affine
+            z = torch.addcmul(t["ln_bias"].index_select(0, idx), z,
+                              t["ln_weight"].index_select(0, idx))  # per-token affine
         return h + z  # [N, out]
+
+    def build_stack(self, active: list[int]) -> Stack:
+        """The active slots' ``D`` ``[U, k, out]`` and ``U^T`` ``[U, k, out]`` at their
+        largest width (padding units: zero rows, exact no-ops)."""
+        k = self.max_rank(active)
+        slots = torch.tensor(active, dtype=torch.long, device=self.t["down"].device)  # [U]
+        down = self.t["down"][:, :k].index_select(0, slots)  # [U, k, out]
+        up = self.t["up"][:, :, :k].index_select(0, slots)  # [U, out, k]
+        return Stack(down, up.transpose(1, 2).contiguous())  # [U, k, out] twice
+
+    def gather_elements(self, routing: Routing, active: list[int]) -> int:
+        """Stacked factors plus three per-token ``[N, out]`` picks."""
+        out = self.target.out_features
+        return 2 * len(active) * self.max_rank(active) * out + 3 * routing.num_tokens * out
 
     def can_gather(self, active: list[int]) -> bool:
         first = self.slot_meta[active[0]]

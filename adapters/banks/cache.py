@@ -15,7 +15,12 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
+
+import torch
+
+STACK_ENTRIES = 4  # active sets of stacked factors kept per bank (decode alternates few)
 
 
 class Derived(Protocol):
@@ -26,6 +31,21 @@ class Derived(Protocol):
 
 V = TypeVar("V", bound=Derived)
 Key = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Two-factor weights of ``U`` active slots in the layouts the GEMMs read (no
+    transposed copy per step): ``a`` viewed ``[U r, in]`` is the first factor stacked,
+    ``bt`` viewed ``[U r, out]`` the second's transpose (LoRA's A and B^T, a bottleneck's
+    down and up^T)."""
+
+    a: torch.Tensor  # [U, r, in]
+    bt: torch.Tensor  # [U, r, out]
+
+    @property
+    def numel(self) -> int:
+        return self.a.numel() + self.bt.numel()
 
 
 class DerivedCache(Generic[V]):

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from tessera.adapters import kernels
-from tessera.adapters.banks.base import MAX_SPANS, Bank
+from tessera.adapters.banks.base import Bank
 from tessera.adapters.banks.cache import DerivedCache
 from tessera.adapters.method import Limits
 from tessera.adapters.plan import Routing
@@ -152,8 +152,8 @@ class HadamardBank(Bank):
         if dense is None:
             super().apply_slot_tokens(routing, slot, h, x, weight)
             return
-        spans = routing.spans[slot]
-        if len(spans) <= MAX_SPANS:
+        spans = routing.views(slot)
+        if spans is not None:
             for start, stop in spans:
                 h[start:stop].add_(dense.matmul(x[start:stop]))  # [n, out], in place
             return

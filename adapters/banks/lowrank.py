@@ -57,13 +57,12 @@ never takes gather mode either, so the ``U = 1`` row is for reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from tessera.adapters.banks.base import Bank
-from tessera.adapters.banks.cache import DerivedCache
+from tessera.adapters.banks.cache import STACK_ENTRIES, DerivedCache, Stack
 from tessera.adapters.method import Limits
 from tessera.adapters.plan import Routing
 from tessera.adapters.targets import TargetInfo
@@ -76,8 +75,6 @@ SEGMENT_ROW = 1.4  # per padded (slot, position) row: bmm over U small matrices
 SEGMENT_SLOT = 8.0  # per active slot: one bmm batch entry (dominant when L is 1)
 PER_TOKEN_ROW = 20.0  # per token: copying its A and B (fresh memory), matrix-vector bmm
 
-STACK_ENTRIES = 4  # active sets kept per bank (decode alternates between few)
-
 
 def choose_form(num_tokens: int, num_active: int, length: int) -> Form:
     """The cheapest gather-mode form for ``num_tokens`` tokens over ``num_active`` slots
@@ -88,20 +85,6 @@ def choose_form(num_tokens: int, num_active: int, length: int) -> Form:
         "per-token": PER_TOKEN_ROW * num_tokens,
     }
     return min(costs, key=costs.__getitem__)
-
-
-@dataclass(frozen=True)
-class Stack:
-    """The factors of ``U`` active slots in the layouts the GEMMs read (no transposed
-    copy per step): ``a`` viewed ``[U r, in]`` is ``A_stack``, ``bt`` viewed ``[U r, out]``
-    is ``B_stack^T``."""
-
-    a: torch.Tensor  # [U, r, in]
-    bt: torch.Tensor  # [U, r, out]
-
-    @property
-    def numel(self) -> int:
-        return self.a.numel() + self.bt.numel()
 
 
 class LowRankBank(Bank):
