@@ -89,6 +89,7 @@ class Routing:
             cold = torch.nonzero(~hot).flatten()  # [C]: the forward's second host sync
             self.cold = (cold, Routing(slots.index_select(0, cold), num_slots, gather_budget))
         self._rows: dict[int, torch.Tensor] = {}
+        self._subsets: dict[tuple[int, ...], tuple[torch.Tensor, Routing]] = {}
         self._membership: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._segments: dict[tuple[int, ...], Segments] = {}
 
@@ -110,6 +111,19 @@ class Routing:
         if found is None:
             found = torch.nonzero(self.slots == slot).flatten()
             self._rows[slot] = found
+        return found
+
+    def subset(self, slots: list[int]) -> tuple[torch.Tensor, Routing]:
+        """The tokens ``[M]`` that use one of ``slots`` and their own routing (cached: the
+        banks of a forward share it; one host sync the first time)."""
+        key = tuple(slots)
+        found = self._subsets.get(key)
+        if found is None:
+            ids = torch.tensor(slots, dtype=torch.long, device=self.slots.device)  # [S]
+            rows = torch.nonzero(torch.isin(self.slots, ids)).flatten()  # [M]
+            found = (rows, Routing(self.slots.index_select(0, rows), self.num_slots,
+                                   self.gather_budget))
+            self._subsets[key] = found
         return found
 
     def membership(self, active: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -117,17 +117,29 @@ class Bank(ABC):
         active = self.active(routing)
         if not active:
             return h
-        gather = (len(active) > 1 and self.can_gather(active)
-                  and self.gather_elements(routing, active) <= routing.gather_budget)
-        if gather:
-            return self.apply_tokens(routing, active, h, x, weight)
         if len(active) == 1 and routing.counts[active[0]] == routing.num_tokens:
             return self.apply_slot(active[0], h, x, weight)  # whole batch on one slot
+        gather = (len(active) > 1 and self.can_gather(active)
+                  and self.gather_elements(routing, active) <= routing.gather_budget)
+        solo = self.solo(routing, active) if gather else active
+        if not solo:
+            return self.apply_tokens(routing, active, h, x, weight)
         if self.stage == "input":
             h = h.clone()  # h is the caller's activation: never write into it
-        for slot in active:
+        for slot in solo:  # segment mode
             self.apply_slot_tokens(routing, slot, h, x, weight)
+        rest = [s for s in active if s not in solo]
+        if rest:  # gather mode on the other slots' tokens alone
+            rows, sub = routing.subset(rest)  # [M], their routing
+            h.index_copy_(0, rows, self.apply_tokens(sub, rest, h.index_select(0, rows),
+                                                     x.index_select(0, rows), weight))
         return h
+
+    def solo(self, routing: Routing, active: list[int]) -> list[int]:
+        """Of the slots a gather-mode forward would batch together, those that run on
+        their own tokens instead (segment mode), the others gathered beside them (by
+        default none: one gather for all)."""
+        return []
 
     def apply_slot_tokens(self, routing: Routing, slot: int, h: torch.Tensor, x: torch.Tensor,
                           weight: torch.Tensor) -> None:

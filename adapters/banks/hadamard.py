@@ -128,7 +128,8 @@ class HadamardBank(Bank):
     def build_dense(self, slot: int, weight: torch.Tensor) -> Dense:
         r = self.slot_rank[slot]
         with torch.no_grad():
-            d = weight * (self.t["a"][slot, :r].t() @ self.t["c"][slot, :r])  # [out, in]
+            d = self.t["a"][slot, :r].t() @ self.t["c"][slot, :r]  # [out, in]
+            d.mul_(weight)  # in place: one fresh [out, in] buffer, not two
             return Dense(kernels.pack(d) if self.pack else d, self.pack, d.numel())
 
     # --- forward --------------------------------------------------------------------------
@@ -160,32 +161,19 @@ class HadamardBank(Bank):
         rows = routing.rows(slot)  # [n_s]
         h.index_add_(0, rows, dense.matmul(x.index_select(0, rows)))
 
+    def solo(self, routing: Routing, active: list[int]) -> list[int]:
+        """Slots with tokens enough for their ``D`` take it on those tokens; the others
+        share the stacked gather."""
+        return [s for s in active if takes_dense(routing.counts[s], self.slot_rank[s])
+                and self.dense.admits((s,))]
+
     def apply_tokens(self, routing: Routing, active: list[int], h: torch.Tensor,
                      x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Slots with tokens enough take their ``D`` on those tokens (segment mode); the
-        others' tokens share one stacked GEMM, padded to their largest rank."""
-        dense = [s for s in active
-                 if takes_dense(routing.counts[s], self.slot_rank[s])
-                 and self.dense.admits((s,))]
-        stacked = [s for s in active if s not in dense]
-        if stacked and not dense:
-            return self.stacked_tokens(routing.index, stacked, h, x, weight)
-        if stacked:  # on their tokens alone
-            rows = torch.cat([routing.rows(s) for s in stacked])  # [M]
-            h.index_copy_(0, rows, self.stacked_tokens(
-                routing.index.index_select(0, rows), stacked, h.index_select(0, rows),
-                x.index_select(0, rows), weight))
-        for slot in dense:
-            self.apply_slot_tokens(routing, slot, h, x, weight)
-        return h
-
-    def stacked_tokens(self, index: torch.Tensor, active: list[int], h: torch.Tensor,
-                       x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The stacked form with each token's own factors: ``index`` ``[n]`` (bank rows),
-        ``h`` ``[n, out]``, ``x`` ``[n, in]``."""
+        """Gather mode: the stacked form, every token padded to the largest active rank."""
         r = self.max_rank(active)
         if r == 0:
             return h
-        a = self.t["a"][index, :r]  # [n, r, out]
-        c = self.t["c"][index, :r]  # [n, r, in]
-        return h + _stacked(x, weight, a, c)  # [n, out]
+        # index_select, not advanced indexing (~5x slower on CPU; see the low-rank bank)
+        a = self.t["a"][:, :r].index_select(0, routing.index)  # [N, r, out]
+        c = self.t["c"][:, :r].index_select(0, routing.index)  # [N, r, in]
+        return h + _stacked(x, weight, a, c)  # [N, out]
