@@ -1,4 +1,5 @@
-"""CPU micro-benchmark: one decode step of a mixed batch on a small Llama-shaped model.
+"""CPU micro-benchmark: one decode step of a mixed batch on a Llama-shaped model (hidden 1024
+by default: at 512 per-module overhead dominates).
 
 For every method (and HyperLoader-generated adapters) it times a decode step of a batch of
 ``--batch`` rows spread round-robin over 1, 8 and 32 distinct adapters, relative to the base
@@ -6,11 +7,11 @@ model alone on the same batch, and for LoRA relative to PEFT's ``adapter_names``
 with the very same adapters. Prints a table and writes JSON. Ratios, not absolute times,
 are what to compare (one run, one machine, side by side).
 
-    python -m bench.decode_step                # defaults used for the README table
+    python -m bench.decode_step --reps 30      # the README table
     python -m bench.decode_step --reps 5 --counts 1,8 --methods lora,hra   # quick look
 
 ``--sweep``: LoRA r16 on every projection only, batch 64 over 1, 4, 16 and 64 distinct
-adapters on hidden 1024; the base and the adapter steps are timed alternately (drift hits
+adapters; the base and the adapter steps are timed alternately (drift hits
 both) and the ratio per count is printed and written to JSON. ``--forms``: the low-rank
 bank's gather-mode forms timed one module at a time on the same shape (the numbers behind
 ``tessera.adapters.banks.lowrank.choose_form``).
@@ -362,7 +363,7 @@ def peft_lora_dir(model: torch.nn.Module, n: int, rank: int, root: Path) -> list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=None, help="512; 1024 with --sweep")
+    parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=None, help="32; 64 with --sweep")
     parser.add_argument("--prompt", type=int, default=32)
@@ -391,7 +392,6 @@ def main() -> None:
                         help="one LoRA at 75%% / 100%% of the rows: slots vs merged (dLoRA)")
     args = parser.parse_args()
     issue8 = args.sweep or args.forms or args.long_row or args.hot or args.hut_forms
-    args.hidden = args.hidden or (1024 if issue8 else 512)
     args.batch = args.batch or (64 if issue8 and not args.hut_forms else 32)
     args.counts = args.counts or ("1,4,8,16,32" if args.hut_forms else
                                   "1,4,16,64" if issue8 else "1,8,32")
