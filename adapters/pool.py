@@ -46,10 +46,11 @@ class PoolConfig(BaseModel):
         None, description="modules to wrap (PEFT rule); None = every adaptable projection")
     gather_budget: int = Field(1 << 22, ge=0,
                                description="max gathered elements per bank in gather mode")
-    dense_slots: int | None = Field(
-        None, ge=0, description="slots per module that may keep a dense [out, in] weight "
-                                "(HUT: W0 ⊙ a^T c, one GEMM instead of r); None = every "
-                                "slot, 0 = never (banks.hadamard)")
+    dense_slots: int = Field(
+        8, ge=0, description="slots per module that may keep a dense [out, in] weight "
+                             "(HUT: W0 ⊙ a^T c, one GEMM instead of r); memory: up to this "
+                             "many copies of the HUT-targeted weights; 0 = never "
+                             "(banks.hadamard)")
 
 
 Part = tuple[Method[Any], MethodConfig, Tensors]

@@ -48,11 +48,10 @@ class EngineSettings(BaseSettings):
     max_rank: int = Field(16, ge=1)
     max_bottleneck_dim: int = Field(64, ge=1)
     gather_budget: int = Field(1 << 22, ge=0)
-    dense_slots: int | None = Field(
-        None, ge=0, description="slots per module that may keep a dense weight for HUT "
-                                "adapters (one GEMM instead of r per token; one [out, in] "
-                                "weight per slot and HUT-targeted module); None = every "
-                                "slot, 0 = never")
+    dense_slots: int = Field(
+        8, ge=0, description="slots per module that may keep a dense weight for HUT "
+                             "adapters (one GEMM instead of r per token); memory: up to this "
+                             "many copies of the HUT-targeted weights; 0 = never")
     methods: list[str] | None = Field(
         None, description="adapter methods the slot pool allocates banks for (e.g. "
                           '["lora", "dora"]); None = every registered method')

@@ -245,6 +245,27 @@ def test_the_dense_cap_reaches_every_hadamard_bank_from_the_settings(
     caps = {b.dense.max_entries for banks in pool.banks().values() for b in banks.values()
             if isinstance(b, HadamardBank)}
     assert caps == {1}
-    uncapped = SlotPool(tiny_model("llama"), PoolConfig(num_slots=3))
-    assert {b.dense.max_entries for banks in uncapped.banks().values()
-            for b in banks.values() if isinstance(b, HadamardBank)} == {3}
+    default = SlotPool(tiny_model("llama"), PoolConfig(num_slots=12))
+    assert {b.dense.max_entries for banks in default.banks().values()
+            for b in banks.values() if isinstance(b, HadamardBank)} == {8}  # bounded
+
+
+def test_a_dense_weight_that_finds_no_memory_falls_back_to_the_stacked_form(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA out of memory while building D (raised here: no GPU) costs speed, not the batch."""
+    out_f, in_f, n = 6, 5, hadamard.DENSE_MIN_TOKENS
+    w0 = rand(out_f, in_f, seed=80)
+    a, c = rand(2, out_f, seed=81), rand(2, in_f, seed=82)
+    bank = HadamardBank(1, TargetInfo("m.proj", in_f, out_f, "linear", False),
+                        Limits(max_rank=2), torch.float32, torch.device("cpu"))
+    bank.write(0, SlotData({"a": a, "c": c}))
+
+    def no_memory(slot: int, weight: torch.Tensor) -> hadamard.Dense:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(bank, "build_dense", no_memory)
+    x, h = rand(n, in_f, seed=83), rand(n, out_f, seed=84)
+    with torch.no_grad():
+        got = bank.apply_slot(0, h, x, w0)
+    torch.testing.assert_close(got, h + x @ dense_delta(w0, a, c).t())
+    assert not bank.dense.entries

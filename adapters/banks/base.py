@@ -39,7 +39,8 @@ class Bank(ABC):
                  dtype: torch.dtype, device: torch.device, *,
                  dense_slots: int | None = None) -> None:
         """``dense_slots``: how many slots may keep a dense ``[out, in]`` weight derived
-        from their rows, for banks that derive one (HUT's, :mod:`.hadamard`); None = all."""
+        from their rows, for banks that derive one (HUT's, :mod:`.hadamard`); None = all
+        (the pool passes ``PoolConfig.dense_slots``)."""
         self.num_slots = num_slots
         self.dense_slots = num_slots if dense_slots is None else min(dense_slots, num_slots)
         self.target = target

@@ -12,9 +12,10 @@ which equals ``D x`` with ``D = W0 ⊙ sum_j a_j c_j^T`` ``[out, in]``. Two form
   stacked form), kept until the slot is written (:mod:`.cache`), packed for oneDNN where
   it runs (:mod:`tessera.adapters.kernels`); then one GEMM per slot on its tokens: the
   base's FLOPs, not ``r`` times them. It costs one ``[out, in]`` weight per slot held:
-  ``PoolConfig.dense_slots`` caps the slots per module that keep one (default: every
-  slot). Slots past the cap run the stacked form rather than evict another's ``D``
-  (active slots over the cap would rebuild each other every step).
+  ``PoolConfig.dense_slots`` caps the slots per module that keep one (default 8). Slots
+  past the cap run the stacked form rather than evict another's ``D`` (active slots over
+  the cap would rebuild each other every step); so does a slot whose ``D`` finds no device
+  memory.
 
 A slot takes its dense form when it has at least ``DENSE_MIN_TOKENS`` tokens in the
 forward and a rank above 1 (prefill; a tenant with a large share of a decode batch), else
@@ -32,6 +33,7 @@ is memory-bound throughout, the balance differs: not measured (no GPU lent). Emp
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,8 @@ from tessera.adapters.banks.cache import DerivedCache
 from tessera.adapters.method import Limits
 from tessera.adapters.plan import Routing
 from tessera.adapters.targets import TargetInfo
+
+log = logging.getLogger(__name__)
 
 
 def hadamard_reference(x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor,
@@ -123,7 +127,12 @@ class HadamardBank(Bank):
             return None
         if not self.dense.admits((slot,)):
             return None
-        return self.dense.get((slot,), lambda: self.build_dense(slot, weight))
+        try:
+            return self.dense.get((slot,), lambda: self.build_dense(slot, weight))
+        except torch.OutOfMemoryError:  # the device is full: the stacked form needs no D
+            log.warning("no memory for a dense HUT weight; stacked form",
+                        extra={"target": self.target.path, "slot": slot})
+            return None
 
     def build_dense(self, slot: int, weight: torch.Tensor) -> Dense:
         r = self.slot_rank[slot]
