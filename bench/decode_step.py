@@ -220,7 +220,7 @@ def hut_forms(args: argparse.Namespace, counts: list[int]) -> list[dict[str, obj
     model = build_model(args)
     base = copy.deepcopy(model)  # the unwrapped twin the base step runs on
     pool = SlotPool(model, PoolConfig(num_slots=max(counts), max_rank=args.rank,
-                                      methods=["hut"]))
+                                      methods=["hut"], dense_slots=max(counts)))
     gen = torch.Generator().manual_seed(7)
     for slot in range(max(counts)):
         pool.load(slot, FACTORIES["hut"](base, gen))

@@ -149,7 +149,7 @@ def test_dense_and_stacked_forms_match_the_dense_construction(
 def test_only_slots_with_tokens_enough_take_their_dense_form() -> None:
     """``n r >= DENSE_MIN_TOKENS``: one slot on most tokens of a decode batch takes ``D``, the
     strays share the stacked GEMM (gather mode) or run it alone (segment mode)."""
-    out_f, in_f, n = 8, 6, 2 * hadamard.DENSE_MIN_TOKENS
+    out_f, in_f, n = 8, 6, 4 * hadamard.DENSE_MIN_TOKENS
     w0 = rand(out_f, in_f, seed=60)
     factors = {s: (rand(r, out_f, seed=61 + s), rand(r, in_f, seed=65 + s))
                for s, r in ((0, 2), (1, 3), (2, 1))}

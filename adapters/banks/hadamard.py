@@ -20,12 +20,13 @@ which equals ``D x`` with ``D = W0 ⊙ sum_j a_j c_j^T`` ``[out, in]``. Two form
 A slot takes its dense form when it has at least ``DENSE_MIN_TOKENS`` tokens in the
 forward and a rank above 1 (prefill; a tenant with a large share of a decode batch), else
 the stacked form (gather mode: on the stacked slots' tokens alone); the stacked form also
-where no ``D`` is allowed and where autograd needs a backward through ``x`` or W0. Fit:
-``python -m bench.decode_step --hut-forms --reps 12`` (HUT ranks 2-5 on q, v, down; hidden
-1024, 4 layers, batch 32, fp32 oneDNN, 2-core AMD EPYC, 2026-12-01; decode step vs the
-base step, timed alternately), slots of 32 / 8 / 4 / 2 / 1 tokens each: stacked 2.58 /
-2.65 / 2.58 / 2.61 / 2.72x, dense 1.33 / 1.68 / 3.22 / 4.26 / 5.25x, the rule 1.33 / 1.69 /
-2.60 / 2.64 / 2.73x: below 8 tokens reading ``D`` costs more than ``r``
+where no ``D`` is allowed and where autograd needs a backward through ``x`` or W0. Gather
+mode's stacked form expands each token to its own slot's rank (``T = sum_i r_i`` rows; no
+padding to the largest active rank). Fit: ``python -m bench.decode_step --hut-forms
+--reps 12`` (HUT ranks 2-5 on q, v, down; hidden 1024, 4 layers, batch 32, fp32 oneDNN,
+2-core AMD EPYC, 2026-12-01; decode step vs the base step, timed alternately), slots of
+32 / 8 / 4 / 2 / 1 tokens each: stacked 2.50 / 2.51 / 2.39 / 2.44 / 2.37x, dense 1.33 /
+1.68 / 2.14 / 3.57 / 5.20x: below 4 tokens reading ``D`` costs more than ``r``
 products with the shared W0 (memory-bound: one weight per slot). On a GPU, where decode
 is memory-bound throughout, the balance differs: not measured (no GPU lent). Empty rows
 (``a = c = 0``) add exactly zero; ``slot_rank`` skips them.
@@ -82,8 +83,8 @@ class Dense:
 
 
 # A slot's dense form turns ``n r`` rows of GEMM against W0 into ``n`` rows against ``D``,
-# at the price of reading ``D``: worth it from this many tokens (fit in the docstring).
-DENSE_MIN_TOKENS = 8
+# at the price of reading ``D``: worth it from this many tokens (fit in the module docstring).
+DENSE_MIN_TOKENS = 4
 
 
 def takes_dense(num_tokens: int, rank: int) -> bool:
@@ -178,11 +179,24 @@ class HadamardBank(Bank):
 
     def apply_tokens(self, routing: Routing, active: list[int], h: torch.Tensor,
                      x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Gather mode: the stacked form, every token padded to the largest active rank."""
-        r = self.max_rank(active)
-        if r == 0:
+        """Gather mode: the stacked form over each token's own terms (``T = sum_i r_i``
+        rows, not ``N r_max``: no padding to the largest active rank), one GEMM with W0.
+        ``T`` comes from the host-side counts and ranks: no host sync."""
+        ranks = [self.slot_rank[s] for s in active]
+        total = sum(routing.counts[s] * r for s, r in zip(active, ranks, strict=True))  # T
+        if total == 0:
             return h
-        # index_select, not advanced indexing (~5x slower on CPU; see the low-rank bank)
-        a = self.t["a"][:, :r].index_select(0, routing.index)  # [N, r, out]
-        c = self.t["c"][:, :r].index_select(0, routing.index)  # [N, r, in]
-        return h + _stacked(x, weight, a, c)  # [N, out]
+        device = x.device
+        r_max = self.t["a"].shape[1]
+        rank_of = torch.zeros(self.num_slots + 1, dtype=torch.long, device=device)  # [S+1]
+        rank_of[torch.tensor(active, device=device)] = torch.tensor(ranks, device=device)
+        per_token = rank_of.index_select(0, routing.index)  # [N]: 0 for other slots' tokens
+        token = torch.repeat_interleave(torch.arange(x.shape[0], device=device), per_token,
+                                        output_size=total)  # [T] token of each term row
+        first = torch.cumsum(per_token, 0) - per_token  # [N] first row of each token
+        term = torch.arange(total, device=device) - first.index_select(0, token)  # [T]
+        row = routing.index.index_select(0, token) * r_max + term  # [T] into [(S+1) r_max]
+        c = self.t["c"].view(-1, self.t["c"].shape[-1]).index_select(0, row)  # [T, in]
+        a = self.t["a"].view(-1, self.t["a"].shape[-1]).index_select(0, row)  # [T, out]
+        z = (x.index_select(0, token) * c) @ weight.t()  # [T, out]: one GEMM against W0
+        return h.index_add(0, token, z * a)  # [N, out]
