@@ -26,8 +26,11 @@ padding to the largest active rank). Fit: ``python -m bench.decode_step --hut-fo
 --reps 12`` (HUT ranks 2-5 on q, v, down; hidden 1024, 4 layers, batch 32, fp32 oneDNN,
 2-core AMD EPYC, 2026-12-01; decode step vs the base step, timed alternately), slots of
 32 / 8 / 4 / 2 / 1 tokens each: stacked 2.50 / 2.51 / 2.39 / 2.44 / 2.37x, dense 1.33 /
-1.68 / 2.14 / 3.57 / 5.20x: below 4 tokens reading ``D`` costs more than ``r``
-products with the shared W0 (memory-bound: one weight per slot). On a GPU, where decode
+1.68 / 2.14 / 3.57 / 5.20x. At 4 tokens per slot the 4-layer step favours ``D`` slightly,
+but the engine on the 8-layer model of ``bench.engine_throughput`` (8 HUT adapters over 32
+rows: 4 each) measured the opposite, paired in one session: 127 tok/s with the threshold
+at 8, 102 at 4 (twice the ``D`` bytes per step: memory-bound, one weight per slot). Hence
+8. On a GPU, where decode
 is memory-bound throughout, the balance differs: not measured (no GPU lent). Empty rows
 (``a = c = 0``) add exactly zero; ``slot_rank`` skips them.
 """
@@ -84,7 +87,7 @@ class Dense:
 
 # A slot's dense form turns ``n r`` rows of GEMM against W0 into ``n`` rows against ``D``,
 # at the price of reading ``D``: worth it from this many tokens (fit in the module docstring).
-DENSE_MIN_TOKENS = 4
+DENSE_MIN_TOKENS = 8
 
 
 def takes_dense(num_tokens: int, rank: int) -> bool:
