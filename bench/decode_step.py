@@ -4,10 +4,11 @@ by default: at 512 per-module overhead dominates).
 For every method (and HyperLoader-generated adapters) it times a decode step of a batch of
 ``--batch`` rows spread round-robin over 1, 8 and 32 distinct adapters, relative to the base
 model alone on the same batch, and for LoRA relative to PEFT's ``adapter_names`` mixed batch
-with the very same adapters. Prints a table and writes JSON. Ratios, not absolute times,
-are what to compare (one run, one machine, side by side).
+with the very same adapters, each row timed alternately with the base step (and PEFT's).
+Prints a table and writes JSON. Ratios, not absolute times, are what to compare (one run,
+one machine, side by side).
 
-    python -m bench.decode_step --reps 30      # the README table
+    python -m bench.decode_step --reps 20      # the README table
     python -m bench.decode_step --reps 5 --counts 1,8 --methods lora,hra   # quick look
 
 ``--sweep``: LoRA r16 on every projection only, batch 64 over 1, 4, 16 and 64 distinct
@@ -106,17 +107,6 @@ class DecodeStep:
     def run(self, **kwargs: object) -> None:
         self.model(input_ids=self.next_ids, cache=self.cache, use_cache=True, **kwargs)
         self.cache.crop(-1)  # drop the token just decoded: every step sees the same cache
-
-
-def median_ms(fn: Callable[[], None], reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def paired_ms(fns: dict[str, Callable[[], object]], reps: int,
@@ -441,19 +431,37 @@ def main() -> None:
         return
 
     base_model = build_model(args)
-    pristine = copy.deepcopy(base_model)
+    pristine = copy.deepcopy(base_model)  # unwrapped: the base step and the adapters' source
+    base_step = DecodeStep(pristine, args.batch, args.prompt)
     rows: list[dict[str, object]] = []
-    base_ms = median_ms(DecodeStep(base_model, args.batch, args.prompt).run, args.reps)
 
     pool = SlotPool(base_model, PoolConfig(num_slots=max(counts), max_rank=args.rank,
                                            max_bottleneck_dim=64,
                                            gather_budget=args.gather_budget))
     step = DecodeStep(base_model, args.batch, args.prompt)
-    wrapped_ms = median_ms(lambda: step.run(), args.reps)
-    rows.append({"method": "base", "adapters": 0, "ms": base_ms, "vs_base": 1.0})
-    rows.append({"method": "base, wrapped (no plan)", "adapters": 0, "ms": wrapped_ms,
-                 "vs_base": wrapped_ms / base_ms})
 
+    def timed(method: str, adapters: int, slots: list[int] | None,
+              peft: Callable[[], None] | None = None) -> None:
+        """One row: the step (through ``slots``; None = no plan) timed alternately with
+        the base step (and PEFT's, for LoRA), so that drift hits them alike."""
+        def pooled() -> None:
+            if slots is None:
+                step.run()
+                return
+            with pool.use(slots):
+                step.run()
+
+        fns: dict[str, Callable[[], object]] = {"base": base_step.run, "step": pooled}
+        if peft is not None:
+            fns["peft"] = peft
+        ms = paired_ms(fns, args.reps)
+        row: dict[str, object] = {"method": method, "adapters": adapters, "ms": ms["step"],
+                                  "base_ms": ms["base"], "vs_base": ms["step"] / ms["base"]}
+        if peft is not None:
+            row.update(peft_ms=ms["peft"], vs_peft=ms["step"] / ms["peft"])
+        rows.append(row)
+
+    timed("base, wrapped (no plan)", 0, None)
     with tempfile.TemporaryDirectory() as tmp:
         lora_dirs = peft_lora_dir(pristine, max(counts), args.rank, Path(tmp))
         peft_model = get_peft_model(copy.deepcopy(pristine), PeftLoraConfig(
@@ -464,14 +472,10 @@ def main() -> None:
         peft_step = DecodeStep(peft_model, args.batch, args.prompt)
         for n in counts:
             names = [f"a{i % n}" for i in range(args.batch)]
-            peft_ms = median_ms(lambda names=names: peft_step.run(adapter_names=names), args.reps)
             for slot in range(n):
                 pool.load(slot, load_peft_dir(lora_dirs[slot]))
-            slots = [i % n for i in range(args.batch)]
-            with pool.use(slots):
-                ms = median_ms(step.run, args.reps)
-            rows.append({"method": f"lora r{args.rank} all-linear", "adapters": n, "ms": ms,
-                         "vs_base": ms / base_ms, "peft_ms": peft_ms, "vs_peft": ms / peft_ms})
+            timed(f"lora r{args.rank} all-linear", n, [i % n for i in range(args.batch)],
+                  partial(peft_step.run, adapter_names=names))
 
     for method in methods:
         gen = torch.Generator().manual_seed(7)
@@ -479,17 +483,15 @@ def main() -> None:
         for n in counts:
             for slot in range(n):
                 pool.load(slot, adapters[slot])
-            slots = [i % n for i in range(args.batch)]
-            with pool.use(slots):
-                ms = median_ms(step.run, args.reps)
-            rows.append({"method": method, "adapters": n, "ms": ms, "vs_base": ms / base_ms})
+            timed(method, n, [i % n for i in range(args.batch)])
 
     print(header(args))
-    print(f"{'method':28} {'adapters':>8} {'ms':>8} {'vs base':>8} {'vs PEFT':>8}")
+    print(f"{'method':28} {'adapters':>8} {'base ms':>8} {'ms':>8} {'vs base':>8} "
+          f"{'vs PEFT':>8}")
     for row in rows:
         vs_peft = f"{row['vs_peft']:.2f}" if "vs_peft" in row else "-"
-        print(f"{row['method']!s:28} {row['adapters']!s:>8} {row['ms']:8.2f} "
-              f"{row['vs_base']:8.2f} {vs_peft:>8}")
+        print(f"{row['method']!s:28} {row['adapters']!s:>8} {row['base_ms']:8.2f} "
+              f"{row['ms']:8.2f} {row['vs_base']:8.2f} {vs_peft:>8}")
     write_json(args, "bench/results/decode_step.json", rows)
 
 
