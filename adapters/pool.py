@@ -115,8 +115,16 @@ class SlotPool:
 
     @property
     def nbytes(self) -> int:
+        """Device bytes of the banks' slot tensors (allocated with the pool)."""
         return sum(t.numel() * t.element_size() for layer in self.layers.values()
                    for bank in layer.by_kind.values() for t in bank.t.values())
+
+    @property
+    def derived_nbytes(self) -> int:
+        """Device bytes the banks keep derived from their slots (stacked factors, HUT's
+        dense weights): they grow with use, bounded per bank, and go with slot writes."""
+        return sum(bank.derived_nbytes() for layer in self.layers.values()
+                   for bank in layer.by_kind.values())
 
     # --- loading --------------------------------------------------------------------------
     def prepare(self, adapter: Adapter) -> PreparedAdapter:

@@ -69,6 +69,8 @@ class EngineStats:
     running_adapters: tuple[str, ...] = ()  # adapter keys of running or prefilling rows
     waiting_adapters: tuple[str, ...] = ()  # adapter keys of waiting rows
     hot: HotStats | None = field(default=None)  # hot-tenant policy: merged adapters, share
+    pool_bytes: int = 0  # the slot pool's bank tensors (fixed at start)
+    derived_bytes: int = 0  # kept derived from the slots: stacked factors, HUT dense weights
 
 
 class Engine:
@@ -286,7 +288,8 @@ class Engine:
             kv_tokens_rows=scheduler.kv_rows(),
             preemptions=s.preemptions, max_slots=self.settings.num_slots,
             running_adapters=_keys([*scheduler.stepper.running, *scheduler.prefilling]),
-            waiting_adapters=_keys(scheduler.waiting), hot=self.hot.stats())
+            waiting_adapters=_keys(scheduler.waiting), hot=self.hot.stats(),
+            pool_bytes=slots.pool.nbytes, derived_bytes=slots.pool.derived_nbytes)
 
 
 def _keys(rows: Iterable[Row]) -> tuple[str, ...]:

@@ -334,6 +334,10 @@ def _engine_families(s: EngineStats) -> Iterator[Metric]:
                    slots.load_seconds_total)
     yield _gauge("tessera_slot_resident_adapters", "Adapters resident on the device",
                  s.resident_adapters)
+    yield _gauge("tessera_adapter_pool_bytes", "Device bytes of the slot pool's banks",
+                 s.pool_bytes)
+    yield _gauge("tessera_adapter_derived_bytes", "Device bytes kept derived from the slots "
+                 "(stacked factors, HUT dense weights; bounded per bank)", s.derived_bytes)
 
 
 def _router_families(s: EngineStats, model_of: Callable[[str], str | None]

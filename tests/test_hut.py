@@ -137,10 +137,12 @@ def test_dense_and_stacked_forms_match_the_dense_construction(
             check(slots, budget)
     cached = {key[0] for key in bank.dense.entries}
     assert cached == {None: {0, 1, 2}, 0: set(), 1: {0}}[dense_slots]
+    assert bank.derived_nbytes() == len(cached) * out_f * in_f * w0.element_size()
     assert all(d.packed == (dtype == torch.float32) for d in bank.dense.entries.values())
     a, c = rand(1, out_f, seed=40).to(dtype), rand(1, in_f, seed=41).to(dtype)
     bank.write(0, SlotData({"a": a, "c": c}))  # a new adapter in slot 0: its D is dropped
     assert (0,) not in bank.dense.entries
+    assert bank.derived_nbytes() == len(cached - {0}) * out_f * in_f * w0.element_size()
     factors[0] = (a, c)
     check(decode, 0)
     check(prefill, 1 << 30)

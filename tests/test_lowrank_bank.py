@@ -219,12 +219,14 @@ def test_same_active_set_reads_the_cache_not_the_bank(form: str) -> None:
     write(bank, factors, 3, 2, gen)  # a slot outside the set: the entry stays
     assert list(bank.stacks.entries) == [(0, 1, 2)]
     write(bank, factors, 1, MAX_RANK, gen)  # inside the set, at another rank: dropped
-    assert not bank.stacks.entries
+    assert not bank.stacks.entries and bank.derived_nbytes() == 0
     after = apply(routing_of(ids, 4), [0, 1, 2], h, x)
     assert bank.stacks.misses == 2
     in_set = {s: f for s, f in factors.items() if s != 3}
     torch.testing.assert_close(after, plain_loop(in_set, ids, h, x), rtol=1e-5, atol=1e-5)
     assert bank.stacks.entries[(0, 1, 2)].a.shape == (3, MAX_RANK, TARGET.in_features)
+    stack_bytes = 3 * MAX_RANK * (TARGET.in_features + TARGET.out_features) * 4  # fp32
+    assert bank.derived_nbytes() == stack_bytes
 
     bank.clear(2)  # an eviction drops it too
     assert not bank.stacks.entries

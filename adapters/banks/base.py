@@ -106,6 +106,11 @@ class Bank(ABC):
         state derived from the slot's rows. The base bank derives nothing."""
         return None
 
+    def derived_nbytes(self) -> int:
+        """Bytes of state derived from the slots and kept between forwards (stacked
+        factors, dense weights); the base bank keeps none."""
+        return 0
+
     def active(self, routing: Routing) -> list[int]:
         return [s for s in routing.unique if s in self.occupied]
 

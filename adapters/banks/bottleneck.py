@@ -68,6 +68,9 @@ class BottleneckBank(Bank):
     def slot_changed(self, slot: int) -> None:
         self.stacks.invalidate(slot)
 
+    def derived_nbytes(self) -> int:
+        return self.stacks.numel * self.t["down"].element_size()
+
     @classmethod
     def shapes(cls, target: TargetInfo, limits: Limits) -> dict[str, tuple[int, ...]]:
         k, out = limits.max_bottleneck_dim, target.out_features

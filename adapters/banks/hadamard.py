@@ -119,6 +119,9 @@ class HadamardBank(Bank):
     def slot_changed(self, slot: int) -> None:
         self.dense.invalidate(slot)
 
+    def derived_nbytes(self) -> int:
+        return self.dense.numel * self.t["a"].element_size()
+
     # --- dense form ---------------------------------------------------------------------
     def dense_for(self, slot: int, num_tokens: int, x: torch.Tensor, weight: torch.Tensor
                   ) -> Dense | None:

@@ -109,6 +109,9 @@ class LowRankBank(Bank):
     def slot_changed(self, slot: int) -> None:
         self.stacks.invalidate(slot)
 
+    def derived_nbytes(self) -> int:
+        return self.stacks.numel * self.t["A"].element_size()
+
     # --- stacked factors ------------------------------------------------------------------
     def build_stack(self, active: list[int]) -> Stack:
         """Uncached: gather and lay out the active slots' factors (a cache miss)."""
