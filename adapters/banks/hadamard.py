@@ -28,11 +28,10 @@ padding to the largest active rank). Fit: ``python -m bench.decode_step --hut-fo
 32 / 8 / 4 / 2 / 1 tokens each: stacked 2.50 / 2.51 / 2.39 / 2.44 / 2.37x, dense 1.33 /
 1.68 / 2.14 / 3.57 / 5.20x. At 4 tokens per slot the 4-layer step favours ``D`` slightly,
 but the engine on the 8-layer model of ``bench.engine_throughput`` (8 HUT adapters over 32
-rows: 4 each) measured the opposite, paired in one session: 127 tok/s with the threshold
-at 8, 102 at 4 (twice the ``D`` bytes per step: memory-bound, one weight per slot). Hence
-8. On a GPU, where decode
-is memory-bound throughout, the balance differs: not measured (no GPU lent). Empty rows
-(``a = c = 0``) add exactly zero; ``slot_rank`` skips them.
+rows: 4 each) measured the opposite, run back to back: 127 tok/s with the threshold
+at 8, 102 at 4 (every slot's ``D`` read at every step: memory-bound). Hence 8. On a GPU,
+where decode is memory-bound throughout, the balance differs: not measured (no GPU lent).
+Empty rows (``a = c = 0``) add exactly zero; ``slot_rank`` skips them.
 """
 
 from __future__ import annotations
