@@ -23,8 +23,7 @@ from typing import Any, Literal, get_args
 import torch
 import torch.nn.functional as F
 
-from tessera.adapters.banks.base import Bank
-from tessera.adapters.banks.cache import STACK_ENTRIES, DerivedCache, Stack
+from tessera.adapters.banks.cache import StackedBank
 from tessera.adapters.method import Limits
 from tessera.adapters.plan import Routing
 from tessera.adapters.targets import TargetInfo
@@ -50,26 +49,13 @@ def slot_meta(act: str, layer_norm: bool, eps: float) -> dict[str, Any]:
     return {"activation": act, "layer_norm": layer_norm, "eps": float(eps)}
 
 
-class BottleneckBank(Bank):
+class BottleneckBank(StackedBank):
     kind = "bottleneck"
     stage = "output"
     fills = {"down": 0.0, "down_bias": 0.0, "up": 0.0, "up_bias": 0.0,
              "ln_weight": 1.0, "ln_bias": 0.0}
     rank_tensor = ("down", 0)
-
-    def __init__(self, num_slots: int, target: TargetInfo, limits: Limits,
-                 dtype: torch.dtype, device: torch.device, *,
-                 dense_slots: int | None = None) -> None:
-        super().__init__(num_slots, target, limits, dtype, device, dense_slots=dense_slots)
-        # at most the bank's own size (as the low-rank bank's stacks)
-        self.stacks: DerivedCache[Stack] = DerivedCache(
-            budget=self.t["down"].numel() + self.t["up"].numel(), entries=STACK_ENTRIES)
-
-    def slot_changed(self, slot: int) -> None:
-        self.stacks.invalidate(slot)
-
-    def derived_nbytes(self) -> int:
-        return self.stacks.numel * self.t["down"].element_size()
+    factors_names = ("down", "up")
 
     @classmethod
     def shapes(cls, target: TargetInfo, limits: Limits) -> dict[str, tuple[int, ...]]:
@@ -101,7 +87,7 @@ class BottleneckBank(Bank):
         stacked ``U^T``; biases and LayerNorm affines picked per token by ``index_select``
         (``[N, out]``). Base-only tokens keep no block: ``z = 0``, ``LN(0) = 0``."""
         meta = self.slot_meta[active[0]]  # can_gather: every active slot agrees
-        stack = self.stacks.get(tuple(active), lambda: self.build_stack(active))
+        stack = self.stack(active)  # D [U, k, out], U^T [U, k, out]
         u, k = stack.a.shape[0], stack.a.shape[1]
         slots, onehot = routing.membership(active)  # [U], [N, U]
         idx = routing.index  # [N], null row for base-only tokens
@@ -118,15 +104,6 @@ class BottleneckBank(Bank):
             z = torch.addcmul(t["ln_bias"].index_select(0, idx), z,
                               t["ln_weight"].index_select(0, idx))  # per-token affine
         return h + z  # [N, out]
-
-    def build_stack(self, active: list[int]) -> Stack:
-        """The active slots' ``D`` ``[U, k, out]`` and ``U^T`` ``[U, k, out]`` at their
-        largest width (padding units: zero rows, exact no-ops)."""
-        k = self.max_rank(active)
-        slots = torch.tensor(active, dtype=torch.long, device=self.t["down"].device)  # [U]
-        down = self.t["down"][:, :k].index_select(0, slots)  # [U, k, out]
-        up = self.t["up"][:, :, :k].index_select(0, slots)  # [U, out, k]
-        return Stack(down, up.transpose(1, 2).contiguous())  # [U, k, out] twice
 
     def gather_elements(self, routing: Routing, active: list[int]) -> int:
         """Stacked factors plus three per-token ``[N, out]`` picks."""

@@ -16,9 +16,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 import torch
+
+from tessera.adapters.banks.base import Bank
+from tessera.adapters.method import Limits
+from tessera.adapters.targets import TargetInfo
 
 STACK_ENTRIES = 4  # active sets of stacked factors kept per bank (decode alternates few)
 
@@ -108,3 +112,40 @@ class DerivedCache(Generic[V]):
         budget, entries, evict = state["budget"], state["max_entries"], state["evict"]
         assert isinstance(budget, int) and isinstance(entries, int) and isinstance(evict, bool)
         self.__init__(budget, entries, evict)  # type: ignore[misc]
+
+
+class StackedBank(Bank):
+    """A bank whose gather mode reads two factors of the active slots stacked (the
+    low-rank bank's ``A`` and ``B``, the bottleneck's ``D`` and ``U``): ``factors`` names
+    them, first ``[S+1, r_max, d1]``, second ``[S+1, d2, r_max]``. The stacks are kept per
+    set of active slots, at most the bank's own size (worst case its memory doubles)."""
+
+    factors_names: ClassVar[tuple[str, str]]
+
+    def __init__(self, num_slots: int, target: TargetInfo, limits: Limits,
+                 dtype: torch.dtype, device: torch.device, *,
+                 dense_slots: int | None = None) -> None:
+        super().__init__(num_slots, target, limits, dtype, device, dense_slots=dense_slots)
+        first, second = (self.t[name] for name in self.factors_names)
+        self.stacks: DerivedCache[Stack] = DerivedCache(
+            budget=first.numel() + second.numel(), entries=STACK_ENTRIES)
+
+    def slot_changed(self, slot: int) -> None:
+        self.stacks.invalidate(slot)
+
+    def derived_nbytes(self) -> int:
+        return self.stacks.numel * self.t[self.factors_names[0]].element_size()
+
+    def build_stack(self, active: list[int]) -> Stack:
+        """Uncached: the active slots' factors at their largest rank (a cache miss)."""
+        first, second = (self.t[name] for name in self.factors_names)
+        r = self.max_rank(active)
+        slots = torch.tensor(active, dtype=torch.long, device=first.device)  # [U]
+        a = first[:, :r].index_select(0, slots)  # [U, r, d1]
+        b = second[:, :, :r].index_select(0, slots)  # [U, d2, r]
+        return Stack(a, b.transpose(1, 2).contiguous())  # [U, r, d1], [U, r, d2]
+
+    def stack(self, active: list[int], cached: bool = True) -> Stack:
+        if not cached:
+            return self.build_stack(active)
+        return self.stacks.get(tuple(active), lambda: self.build_stack(active))

@@ -61,8 +61,7 @@ from typing import Literal
 
 import torch
 
-from tessera.adapters.banks.base import Bank
-from tessera.adapters.banks.cache import STACK_ENTRIES, DerivedCache, Stack
+from tessera.adapters.banks.cache import StackedBank
 from tessera.adapters.method import Limits
 from tessera.adapters.plan import Routing
 from tessera.adapters.targets import TargetInfo
@@ -87,44 +86,17 @@ def choose_form(num_tokens: int, num_active: int, length: int) -> Form:
     return min(costs, key=costs.__getitem__)
 
 
-class LowRankBank(Bank):
+class LowRankBank(StackedBank):
     kind = "lowrank"
     stage = "delta"
     fills = {"A": 0.0, "B": 0.0}
     rank_tensor = ("A", 0)
-
-    def __init__(self, num_slots: int, target: TargetInfo, limits: Limits,
-                 dtype: torch.dtype, device: torch.device, *,
-                 dense_slots: int | None = None) -> None:
-        super().__init__(num_slots, target, limits, dtype, device, dense_slots=dense_slots)
-        # at most the bank's own size: worst case, the pool's memory doubles
-        self.stacks: DerivedCache[Stack] = DerivedCache(
-            budget=self.t["A"].numel() + self.t["B"].numel(), entries=STACK_ENTRIES)
+    factors_names = ("A", "B")
 
     @classmethod
     def shapes(cls, target: TargetInfo, limits: Limits) -> dict[str, tuple[int, ...]]:
         return {"A": (limits.max_rank, target.in_features),   # [r_max, in]
                 "B": (target.out_features, limits.max_rank)}  # [out, r_max]
-
-    def slot_changed(self, slot: int) -> None:
-        self.stacks.invalidate(slot)
-
-    def derived_nbytes(self) -> int:
-        return self.stacks.numel * self.t["A"].element_size()
-
-    # --- stacked factors ------------------------------------------------------------------
-    def build_stack(self, active: list[int]) -> Stack:
-        """Uncached: gather and lay out the active slots' factors (a cache miss)."""
-        r = self.max_rank(active)
-        slots = torch.tensor(active, dtype=torch.long, device=self.t["A"].device)  # [U]
-        a = self.t["A"][:, :r].index_select(0, slots)  # [U, r, in]
-        b = self.t["B"][:, :, :r].index_select(0, slots)  # [U, out, r]
-        return Stack(a, b.transpose(1, 2).contiguous())  # [U, r, in], [U, r, out]
-
-    def stack(self, active: list[int], cached: bool = True) -> Stack:
-        if not cached:
-            return self.build_stack(active)
-        return self.stacks.get(tuple(active), lambda: self.build_stack(active))
 
     # --- forms ----------------------------------------------------------------------------
     def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
