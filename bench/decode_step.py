@@ -250,18 +250,20 @@ class SlabStep:
                 model(input_ids=torch.randint(0, 4096, (1, n), generator=gen), cache=kv,
                       use_cache=True, logits_to_keep=1)
                 self.cache.add(cache_tensors(kv), n)
-        self.next_ids = torch.randint(0, 4096, (len(lengths), 1), generator=gen)  # [B, 1]
+        self.next_ids = torch.randint(0, 4096, (1, len(lengths)), generator=gen)  # [1, B]
+        self.positions = torch.tensor([lengths])  # [1, B]
+        self.layers = int(model.config.num_hidden_layers)
 
     @torch.no_grad()
     def run(self) -> None:
-        inputs = self.cache.step_inputs()  # lengths unchanged: same step
-        self.model(input_ids=self.next_ids, **inputs.kwargs())
+        """The engine's packed step with decode rows only (lengths unchanged: same step)."""
+        inputs = self.cache.packed(True, [], self.layers, torch.device("cpu"), torch.float32)
+        self.model(input_ids=self.next_ids, position_ids=self.positions, **inputs.kwargs())
 
 
 def long_row(args: argparse.Namespace) -> list[dict[str, object]]:
     model = build_model(args)
-    if not attention.install(model):
-        raise SystemExit("the bench model does not run sdpa: no grouped attention")
+    attention.install(model)
     lengths = [args.prompt] * (args.batch - 1) + [args.long]
     short = SlabStep(model, [args.prompt] * args.batch)
     plain = SlabStep(model, lengths)  # one SDPA over the whole width (the old step)

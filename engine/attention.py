@@ -1,10 +1,18 @@
-"""Decode attention over the KV slab, grouped by row length.
+"""The engine's attention: one packed step, and decode attention grouped by row length.
 
-A decode step's rows share one slab view ``[B, H_kv, W + 1, D]`` (``W`` the longest row):
-plain SDPA over it reads ``B x (W + 1)`` positions per layer, so one long row makes every
-short row pay for its length (31 short rows beside a 1,024-token row: 32 x 1,025
-positions instead of about 31 x 140 + 1,025). This module splits the attention by length
-instead, without copying the short rows:
+A packed step (:class:`PackedPlan`) is one forward over a flat sequence ``[1, T]``: first
+one new token of each of the ``B`` running rows, then the prompt chunks of joining rows,
+each token at its own row's position. :func:`packed_attention` splits the attention by
+part: the decode tokens over the KV slab (``[B, H, 1, D]`` queries against slab views, see
+:mod:`tessera.engine.kvcache`), each chunk over its own row's keys (``[1, H, n, D]``
+queries against the row's earlier keys and its own, causal). No padding, no mask over
+``T x T``: a short prompt beside a long one costs its own length.
+
+Decode rows share one slab view ``[B, H_kv, W + 1, D]`` (``W`` the longest row): plain SDPA
+over it reads ``B x (W + 1)`` positions per layer, so one long row makes every short row
+pay for its length (31 short rows beside a 1,024-token row: 32 x 1,025 positions instead of
+about 31 x 140 + 1,025). :func:`decode_attention` splits it by length instead, without
+copying the short rows:
 
 - the base group is every row over the first ``w_0`` positions, a view of the slab (no
   copy); its output is kept for the rows that fit in ``w_0``;
@@ -15,18 +23,19 @@ instead, without copying the short rows:
 :func:`plan` picks the cuts that minimise the positions read (a gathered position counts
 twice: copied, then read) plus a fixed cost per group, by dynamic programming over the
 sorted lengths, once per step on the host; the layers only follow it. When one group is
-cheapest (rows of similar length, the usual case) there is no plan and the step runs
-plain SDPA with the full mask, exactly as before.
+cheapest (rows of similar length, the usual case) there is no plan and the decode part
+runs one SDPA with the full mask.
 
-The function is registered with transformers' attention interface as :data:`NAME` and
-set on the engine's model only where the model runs ``sdpa``; without a plan (prefill,
-reference models, training) it is plain ``sdpa``. A GPU varlen/paged kernel replaces this
-where one runs; the plan is the CPU's way to the same cost.
+The function is registered with transformers' attention interface as :data:`NAME` and set
+on the engine's model whatever implementation it was loaded with; without a packed plan
+(reference models, training, benchmarks of the plain model) it is plain ``sdpa``. A GPU
+varlen/paged kernel (FlashAttention's varlen, FlashInfer) replaces the per-part calls
+where one runs; the parts are the CPU's way to the same cost.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,7 +43,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-NAME = "tessera_slab"
+NAME = "tessera_packed"
 GROUP_COST = 64  # positions: the fixed cost of one more group (a gather, an SDPA call)
 
 
@@ -114,19 +123,87 @@ def _mask(lengths: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor
     return mask.masked_fill(~attend, torch.finfo(dtype).min)[:, None, None, :]
 
 
-def slab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                   value: torch.Tensor, attention_mask: torch.Tensor | None,
-                   dropout: float = 0.0, scaling: float | None = None,
-                   slab_plan: DecodePlan | None = None, **kwargs: Any
-                   ) -> tuple[torch.Tensor, None]:
-    """SDPA; with a ``slab_plan`` (decode over the slab), grouped by length.
+@dataclass
+class LayerKV:
+    """One layer's keys/values for a packed step's attention, left by the cache as the
+    forward passes the layer (:class:`tessera.engine.kvcache.PackedLayer`)."""
 
-    query: [B, H, 1, D]; key, value: [B, H_kv, W + 1, D] views of the slab. Returns
-    ``([B, 1, H, D], None)`` as transformers' attention functions do."""
-    if slab_plan is None:
+    decode: tuple[torch.Tensor, torch.Tensor] | None = None  # slab views [B, H_kv, W + 1, D]
+    chunks: list[tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=list)  # per chunk: its row's keys/values [1, H_kv, past + n, D]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A prefill chunk of one row: tokens ``[start, start + length)`` of the packed step."""
+
+    start: int
+    length: int
+    mask: torch.Tensor | None  # [1, 1, n, past + n] additive; None: causal from position 0
+
+
+@dataclass(frozen=True)
+class PackedPlan:
+    """One packed step's attention: its first ``decode`` tokens are one new token of each
+    running row (slab rows ``[0, B)``), then come the prefill ``chunks``. ``kv`` (per layer)
+    is filled by the cache during the forward."""
+
+    decode: int
+    decode_mask: torch.Tensor | None  # [B, 1, 1, W + 1] additive (None when decode == 0)
+    groups: DecodePlan | None  # decode attention grouped by row length; None: one group
+    chunks: tuple[Chunk, ...]
+    kv: tuple[LayerKV, ...]
+
+
+def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, attention_mask: torch.Tensor | None,
+                     dropout: float = 0.0, scaling: float | None = None,
+                     packed_plan: PackedPlan | None = None, **kwargs: Any
+                     ) -> tuple[torch.Tensor, None]:
+    """SDPA; with a ``packed_plan`` (the engine's step), per part of the packed sequence.
+
+    query: [1, H, T, D] (T = decode rows + chunk tokens); key/value are ignored then: each
+    part reads its own keys/values from ``packed_plan.kv``. Returns ``([1, T, H, D], None)``
+    as transformers' attention functions do."""
+    if packed_plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
-    base, *rest = slab_plan.groups
+    layer_idx = getattr(module, "layer_idx", None)
+    if not isinstance(layer_idx, int):
+        raise TypeError(f"{type(module).__name__} has no layer_idx: cannot run packed steps")
+    kv = packed_plan.kv[layer_idx]
+    _, heads, tokens, dim = query.shape
+    out = query.new_empty((1, tokens, heads, dim))  # [1, T, H, D]
+    b = packed_plan.decode
+    if b:
+        assert kv.decode is not None and packed_plan.decode_mask is not None
+        q = query[0, :, :b].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+        part = decode_attention(module, q, *kv.decode, packed_plan.decode_mask,
+                                packed_plan.groups, dropout=dropout, scaling=scaling,
+                                **kwargs)  # [B, 1, H, D]
+        out[0, :b] = part[:, 0]
+    for chunk, (keys, values) in zip(packed_plan.chunks, kv.chunks, strict=True):
+        end = chunk.start + chunk.length
+        part, _ = sdpa_attention_forward(  # [1, n, H, D]; no mask: causal
+            module, query[:, :, chunk.start:end], keys, values, chunk.mask,
+            dropout=dropout, scaling=scaling, **kwargs)
+        out[0, chunk.start:end] = part[0]
+    return out, None
+
+
+def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, mask: torch.Tensor, groups: DecodePlan | None,
+                     dropout: float = 0.0, scaling: float | None = None, **kwargs: Any
+                     ) -> torch.Tensor:
+    """One new token per row over the slab, grouped by row length where ``groups`` says.
+
+    query: [B, H, 1, D]; key, value: [B, H_kv, W + 1, D] views of the slab; mask:
+    [B, 1, 1, W + 1] additive. Returns [B, 1, H, D]."""
+    if groups is None:
+        out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout,
+                                        scaling=scaling, **kwargs)
+        return out
+    base, *rest = groups.groups
     out, _ = sdpa_attention_forward(  # [B, 1, H, D]: valid for the base group's rows
         module, query, key[:, :, :base.width], value[:, :, :base.width], base.mask,
         dropout=dropout, scaling=scaling, **kwargs)
@@ -139,17 +216,18 @@ def slab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
             value[:, :, :group.width].index_select(0, rows), group.mask,
             dropout=dropout, scaling=scaling, **kwargs)
         out = out.index_copy(0, rows, part)
-    return out, None
+    return out
 
 
-def install(model: Any) -> bool:
-    """Run ``model``'s attention through :func:`slab_attention` where it runs ``sdpa``
-    (other implementations are left alone); True if installed."""
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
-        return False
-    model.set_attn_implementation(NAME)
-    return True
+def install(model: Any) -> None:
+    """Run ``model``'s attention through :func:`packed_attention` (plain SDPA unless a
+    packed plan is given): the engine's steps need it."""
+    try:
+        model.set_attn_implementation(NAME)
+    except Exception as exc:
+        raise ValueError(f"{type(model).__name__} does not run its attention through "
+                         "transformers' AttentionInterface; the engine needs it") from exc
 
 
-AttentionInterface.register(NAME, slab_attention)
+AttentionInterface.register(NAME, packed_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)

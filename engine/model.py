@@ -39,8 +39,12 @@ class LoadedModel:
     context_limit: int
     eos_token_ids: frozenset[int]
     max_token_bytes: int = 64  # UTF-8 bytes of the longest vocabulary entry (an upper bound)
-    grouped_attention: bool = False  # decode attention grouped by row length (attention.py)
     packed_linears: int = 0  # linear layers running oneDNN on packed weights (kernels.py)
+
+    @property
+    def layers(self) -> int:
+        """Decoder layers: one KV cache layer each."""
+        return int(self.model.config.num_hidden_layers)
 
     @property
     def max_prompt_bytes(self) -> int:
@@ -100,7 +104,7 @@ def load_base(settings: EngineSettings) -> LoadedModel:
     model = model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
-    grouped = attention.install(model)  # where it runs sdpa
+    attention.install(model)  # packed steps (engine/attention.py)
     packed = 0
     if settings.packed_linear and kernels.supported(settings.torch_dtype, device.type):
         packed = kernels.pack_linears(model)  # before the slot pool wraps any projection
@@ -112,7 +116,7 @@ def load_base(settings: EngineSettings) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, name=settings.model or "builtin",
                      device=device, dtype=settings.torch_dtype, context_limit=limit,
                      eos_token_ids=eos, max_token_bytes=_max_token_bytes(tokenizer),
-                     grouped_attention=grouped, packed_linears=packed)
+                     packed_linears=packed)
 
 
 def _max_token_bytes(tokenizer: Any) -> int:

@@ -218,7 +218,7 @@ class Scheduler:
                 self._removed.add(seq)
                 if seq in self.prefilling:
                     self.prefilling.remove(seq)
-                    seq.cache = None
+                    seq.kv = None
                 self._finish(seq, "cancelled", None)
 
     def kv_in_use(self) -> int:

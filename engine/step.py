@@ -1,6 +1,9 @@
-"""One scheduler step, run in the forward thread: slot writes, decode of the running rows
-(every adapter and method in one forward, slot ids per row), chunked prefill of newly
-admitted rows, sampling and detokenization.
+"""One scheduler step, run in the forward thread: slot writes, then ONE forward over a
+packed token sequence — the next token of every running row (every adapter and method,
+a slot id per token) followed by the prompt chunks of joining rows (chunked prefill; a
+row's chunk attends to its earlier chunks' keys) — then sampling of every row that needs
+a token in one host transfer, and detokenization. No padding: each token runs at its own
+row's position (:mod:`tessera.engine.attention` splits the attention by part).
 
 Rows of the hot adapter admitted while its merge is installed (:mod:`tessera.engine.hot`)
 have ``Row.hot`` set: they hold no slot and run on the merged weights, in the same forward
@@ -12,27 +15,25 @@ the scheduler's queues. Each step returns the events to deliver.
 
 Failures are contained where they belong: a row whose sampling, stop strings,
 detokenization or logits (NaN from its adapter) fail is dropped from the batch and reported
-in ``StepResult.failed`` with a :class:`~tessera.engine.errors.RowError`; a prefill forward runs one
-request, so its failure is that request's; a decode forward that fails is retried once
-(its cache is untouched), then fails the rows of that forward group only
-(:class:`~tessera.engine.errors.StepError`).
+in ``StepResult.failed`` with a :class:`~tessera.engine.errors.RowError`. Rows change only
+after the forward succeeded, so a failed packed forward is run again in parts: the decode
+rows in one forward (the retry; if it fails too, those rows fail with a
+:class:`~tessera.engine.errors.StepError`), then each prefill chunk in its own (a failure
+is that request's).
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from tessera.adapters import SlotPool
 from tessera.engine.detok import TextStream
 from tessera.engine.errors import RowError, StepError
 from tessera.engine.hot import Merge
-from tessera.engine.kvcache import KV, BatchCache, KVBudget, cache_tensors
+from tessera.engine.kvcache import KV, BatchCache, ChunkKV, KVBudget
 from tessera.engine.model import LoadedModel
 from tessera.engine.requests import FinishReason, RequestHandle, TokenEvent
 from tessera.engine.sampling import NonFiniteLogitsError, Picked, Sampler, pick_batch
@@ -56,7 +57,7 @@ class Row:
     ignore_eos: bool = False
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in ``cache``
-    cache: DynamicCache | None = None  # own cache while prefilling
+    kv: list[KV] | None = None  # its keys/values per layer [1, H, prefilled, D] while prefilling
     last_token: int = -1
     completion: int = 0
     finish: FinishReason | None = None
@@ -82,7 +83,7 @@ class Row:
         sampler and the text stream keep their state)."""
         self.resume = self.prompt + self.generated[:-1]
         self.prefilled = 0
-        self.cache = None
+        self.kv = None
 
 
 @dataclass
@@ -134,18 +135,11 @@ class Stepper:
         self.hot_key: str | None = None  # adapter of the hot merge installed in the pool
 
     def _batch_cache(self) -> BatchCache:
-        return BatchCache(limit=self.budget.tokens, grouped=self.base.grouped_attention)
+        return BatchCache(limit=self.budget.tokens)
 
     @property
     def running(self) -> list[Row]:
         return list(self.main.rows)
-
-    def _route(self, rows: list[Row], tokens: int = 1) -> AbstractContextManager[Any]:
-        """The slot-pool routing of ``rows``, ``tokens`` per row (given per token, so the
-        pool routes before the forward); hot rows run on the installed merge."""
-        ids = torch.tensor([s.slot for s in rows]).unsqueeze(1).expand(-1, tokens)  # [B, T]
-        hot = [s.hot for s in rows for _ in range(tokens)] if self.hot_key else None
-        return self.pool.use(ids, hot=hot)
 
     def step(self, plan: StepPlan) -> StepResult:
         with torch.no_grad():
@@ -168,22 +162,42 @@ class Stepper:
                                                         "slot": write.slot, "error": repr(exc)})
                 result.failed_writes.append((write, exc))
                 failed_keys.add(write.key)
-        if self.main.rows:
-            self._decode_group(self.main, result)
-        prefill = [(seq, count) for seq, count in plan.prefill
-                   if seq.key is None or seq.key not in failed_keys]
-        for seq, count in self._prefill_together(prefill, result):
+        # side by side by slot: each adapter's tokens are one run the banks read as a view
+        chunks = sorted(((seq, count) for seq, count in plan.prefill
+                         if seq.key is None or seq.key not in failed_keys),
+                        key=lambda c: c[0].slot)
+        decode = bool(self.main.rows)
+        if decode or chunks:
             try:
-                self._prefill(seq, count, result)
-            except Exception as exc:  # one request's forward: it fails alone
-                log.warning("prefill failed", extra={"request_id": seq.request_id,
-                                                     "adapter": seq.key, "error": repr(exc)})
-                seq.cache = None
-                result.failed.append((seq, _row_error(exc, "prefill")))
+                self._run(decode, chunks, result)
+            except Exception as exc:  # nothing was taken: run the parts on their own
+                log.warning("packed step failed; running its parts on their own",
+                            extra={"rows": len(self.main.rows), "chunks": len(chunks),
+                                   "error": repr(exc)})
+                self._run_apart(decode, chunks, result)
         gone = set(result.finished) | {seq for seq, _ in result.failed}
         if gone:
             self._keep(gone)
         return result
+
+    def _run_apart(self, decode: bool, chunks: list[tuple[Row, int]],
+                   result: StepResult) -> None:
+        """After a failed packed step: the decode rows in one forward (the retry: if it
+        fails too, those rows fail), then each chunk in its own (if it fails, its row)."""
+        if decode:
+            try:
+                self._run(True, [], result)
+            except Exception as exc:
+                log.exception("decode forward failed twice", extra={"rows": len(self.main.rows)})
+                error = StepError(f"forward step failed: {exc!r}")
+                result.failed.extend((seq, error) for seq in self.main.rows)
+        for seq, count in chunks:
+            try:
+                self._run(False, [(seq, count)], result)
+            except Exception as exc:  # one request's forward: it fails alone
+                log.warning("prefill failed", extra={"request_id": seq.request_id,
+                                                     "adapter": seq.key, "error": repr(exc)})
+                result.failed.append((seq, _row_error(exc, "prefill")))
 
     def clear(self) -> None:
         self.main = Group(self._batch_cache())
@@ -219,127 +233,68 @@ class Stepper:
             chosen.append(rows.pop())
         return chosen
 
-    # --- forwards -----------------------------------------------------------------------
-    def _decode_group(self, group: Group, result: StepResult) -> None:
-        """One decode forward of ``group``. A failed forward leaves the batch cache as it
-        was (the grown cache is only taken back on success), so it is retried once (a
-        transient device OOM, say); if it fails again, the group's rows fail."""
-        try:
-            logits = self._decode_forward(group)  # [B, V]
-        except Exception as first:
-            log.warning("decode forward failed; retrying once",
-                        extra={"rows": len(group.rows), "error": repr(first)})
-            try:
-                logits = self._decode_forward(group)
-            except Exception as exc:
-                log.exception("decode forward failed twice", extra={"rows": len(group.rows)})
-                error = StepError(f"forward step failed: {exc!r}")
-                result.failed.extend((seq, error) for seq in group.rows)
-                return
-        rows = group.rows
-        picked = pick_batch(logits, [s.sampler for s in rows])  # one host transfer
-        for i, seq in enumerate(rows):
-            self._take(seq, picked, i, result, "decode")
-        result.decode_rows += len(rows)
+    # --- the packed forward ---------------------------------------------------------------
+    def _run(self, decode: bool, chunks: list[tuple[Row, int]], result: StepResult) -> None:
+        """ONE forward over a flat token sequence: the next token of every running row
+        (``decode``), then ``count`` prompt tokens of each prefilling row, each token at its
+        row's position with its row's slot. Rows are updated only once the forward succeeded
+        (so a failed one can run again); one host transfer samples every row that needs a
+        token. Rows finishing their prompt join the batch cache."""
+        running = self.main.rows if decode else []
+        b = len(running)
+        tokens: list[int] = [s.last_token for s in running]
+        positions: list[int] = list(self.main.cache.lengths) if decode else []
+        rows: list[Row] = list(running)  # per token: its row
+        specs: list[ChunkKV] = []
+        for seq, count in chunks:
+            start = seq.prefilled
+            specs.append(ChunkKV(len(tokens), count, seq.kv))
+            tokens.extend(seq.pending[start:start + count])
+            positions.extend(range(start, start + count))
+            rows.extend([seq] * count)
+        done = [(i, seq) for i, (seq, count) in enumerate(chunks)
+                if seq.prefilled + count == len(seq.pending)]  # prompt complete this step
+        sampled = [(i, seq) for i, seq in done if seq.resume is None]  # recomputed: none
+        keep = list(range(b)) + [specs[i].start + specs[i].length - 1 for i, _ in sampled]
+        device = self.base.device
+        inputs = self.main.cache.packed(decode, specs, self.base.layers, device,
+                                        self.base.dtype)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)  # [1, T]
+        with self.pool.use(torch.tensor([[s.slot for s in rows]]),  # slot per token [1, T]
+                           hot=[s.hot for s in rows] if self.hot_key else None):
+            out = self.model(input_ids=ids, position_ids=torch.tensor([positions], device=device),
+                             logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
+                             **inputs.kwargs())
+        logits = out.logits[0]  # [K, V]: decode rows, then the sampled chunks' last tokens
+        # the forward succeeded: from here on the rows change
+        samplers = [s.sampler for s in running] + [seq.sampler for _, seq in sampled]
+        picked = pick_batch(logits, samplers) if samplers else None  # one host transfer
+        if decode:
+            self.main.cache.advance()
+            for i, seq in enumerate(running):
+                assert picked is not None
+                self._take(seq, picked, i, result, "decode")
+            result.decode_rows += b
+            self._record(running, result)
+        order = {i: b + k for k, (i, _) in enumerate(sampled)}
+        for i, (seq, count) in enumerate(chunks):
+            seq.prefilled += count
+            seq.kv = inputs.chunk_kv(i)
+            result.prefill_tokens += count
+            self._record([seq], result)
+            if seq.prefilled < len(seq.pending):
+                continue
+            if i not in order or (  # a recomputed row samples nothing
+                    picked is not None and self._take(seq, picked, order[i], result, "prefill")
+                    and seq.finish is None):
+                self._join(seq, seq.kv, len(seq.pending), result)
+            seq.kv = None  # the batch cache holds a copy now
+
+    @staticmethod
+    def _record(rows: list[Row], result: StepResult) -> None:
         result.request_ids.extend(s.request_id for s in rows)
         result.adapters.extend(s.key for s in rows)
         result.merged.extend(s.hot for s in rows)
-
-    def _decode_forward(self, group: Group) -> torch.Tensor:
-        rows = group.rows
-        ids = torch.tensor([[s.last_token] for s in rows], dtype=torch.long,
-                           device=self.base.device)  # [B, 1]
-        inputs = group.cache.step_inputs()
-        with self._route(rows):  # slot per row [B]
-            out = self.model(input_ids=ids, **inputs.kwargs())
-        group.cache.advance()
-        return out.logits[:, -1, :]  # type: ignore[no-any-return]  # [B, V]
-
-    def _prefill_together(self, prefill: list[tuple[Row, int]], result: StepResult
-                          ) -> list[tuple[Row, int]]:
-        """Prefill in ONE forward every joining row whose whole prompt runs this step (the
-        slot pool's rows, hot or not); returns the rest, for one forward
-        each. If that forward fails, its rows go back to the rest: each then fails alone,
-        or not at all."""
-        # side by side by slot: each adapter's tokens are one run the banks read as a view
-        whole = sorted((seq for seq, count in prefill
-                        if seq.prefilled == 0 and count == len(seq.pending)),
-                       key=lambda seq: seq.slot)
-        if len(whole) < 2:
-            return prefill
-        try:
-            logits, kv = self._prefill_forward(whole)
-        except Exception as exc:
-            log.warning("batched prefill failed; prefilling its rows one by one",
-                        extra={"rows": len(whole), "error": repr(exc)})
-            return prefill
-        sampled = [b for b, s in enumerate(whole) if s.resume is None]  # recomputed: none
-        picked = pick_batch(logits[sampled], [whole[b].sampler for b in sampled]) \
-            if sampled else None  # one host transfer
-        for b, seq in enumerate(whole):
-            length = len(seq.pending)
-            seq.prefilled = length
-            result.prefill_tokens += length
-            result.request_ids.append(seq.request_id)
-            result.adapters.append(seq.key)
-            result.merged.append(seq.hot)
-            if picked is None or seq.resume is not None or (
-                    self._take(seq, picked, sampled.index(b), result, "prefill")
-                    and seq.finish is None):
-                self._join(seq, [(k[b:b + 1], v[b:b + 1]) for k, v in kv], length, result)
-        done = set(whole)
-        return [(seq, count) for seq, count in prefill if seq not in done]
-
-    def _prefill_forward(self, rows: list[Row]) -> tuple[torch.Tensor, list[KV]]:
-        """Whole prompts of ``rows`` as one right-padded batch ``[B, W]``: each row attends
-        causally to its own tokens only (a 4-D mask), at its real positions. Returns each
-        row's last-token logits ``[B, V]`` and the per-layer keys/values ``[B, H, W, D]``
-        (padding beyond each row's length is dropped when the rows join)."""
-        device, dtype = self.base.device, self.base.dtype
-        lengths = [len(s.pending) for s in rows]
-        width = max(lengths)
-        ids = torch.tensor([s.pending + [0] * (width - len(s.pending)) for s in rows],
-                           dtype=torch.long, device=device)  # [B, W]
-        span = torch.arange(width, device=device)  # [W]
-        real = span.unsqueeze(0) < torch.tensor(lengths, device=device).unsqueeze(1)  # [B, W]
-        causal = span.unsqueeze(1) >= span.unsqueeze(0)  # [W, W]: query q sees keys <= q
-        attend = causal.unsqueeze(0) & real.unsqueeze(1)  # [B, W, W]
-        mask = torch.zeros(attend.shape, dtype=dtype, device=device).masked_fill(
-            ~attend, torch.finfo(dtype).min).unsqueeze(1)  # [B, 1, W, W] additive
-        last = sorted({n - 1 for n in lengths})  # positions whose logits are needed
-        cache = DynamicCache()
-        with self._route(rows, width):  # slot per token [B, W]
-            out = self.model(input_ids=ids, attention_mask=mask,
-                             position_ids=span.unsqueeze(0).expand(len(rows), width),
-                             cache=cache, use_cache=True,
-                             logits_to_keep=torch.tensor(last, device=device))
-        column = torch.tensor([last.index(n - 1) for n in lengths], device=device)  # [B]
-        logits = out.logits[torch.arange(len(rows), device=device), column]  # [B, V]
-        return logits, cache_tensors(cache)
-
-    def _prefill(self, seq: Row, count: int, result: StepResult) -> None:
-        start = seq.prefilled
-        chunk = seq.pending[start:start + count]
-        if seq.cache is None:
-            seq.cache = DynamicCache()
-        ids = torch.tensor([chunk], dtype=torch.long, device=self.base.device)  # [1, T]
-        positions = torch.arange(start, start + len(chunk),
-                                 device=self.base.device).unsqueeze(0)  # [1, T]
-        with self._route([seq], len(chunk)):  # [1, T]
-            out = self.model(input_ids=ids, position_ids=positions, cache=seq.cache,
-                        use_cache=True, logits_to_keep=1)
-        seq.prefilled += len(chunk)
-        result.prefill_tokens += len(chunk)
-        result.request_ids.append(seq.request_id)
-        result.adapters.append(seq.key)
-        result.merged.append(seq.hot)
-        if seq.prefilled < len(seq.pending):
-            return
-        if seq.resume is not None or (  # a recomputed row samples nothing
-                self._take(seq, pick_batch(out.logits[0, -1:], [seq.sampler]), 0, result,
-                           "prefill") and seq.finish is None):  # logits [1, V]
-            self._join(seq, cache_tensors(seq.cache), len(seq.pending), result)
-        seq.cache = None  # the batch cache holds a copy now
 
     def _join(self, seq: Row, kv: list[KV], length: int, result: StepResult) -> None:
         """A prefilled row joins its group's batch cache (``kv``: ``[1, H, >= length, D]``

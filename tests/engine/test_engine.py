@@ -12,7 +12,7 @@ import torch
 
 from tessera.adapters import Adapter, AdapterValidationError, Component
 from tessera.engine import kvcache
-from tessera.engine.attention import DecodePlan
+from tessera.engine.attention import DecodePlan, PackedPlan
 from tessera.engine.errors import (
     AdapterLoadError,
     ContextLengthError,
@@ -235,12 +235,23 @@ async def test_stop_times_out_long_requests(make_engine: EngineFactory) -> None:
 
 async def test_chunked_prefill_and_row_limit(make_engine: EngineFactory,
                                              adapters: dict[str, Adapter],
-                                             reference: Reference) -> None:
-    """Prompts prefilled 3 tokens per forward, 5 per step, at most 3 rows at once: long
-    prompts span many steps while other rows decode; the rest wait for room."""
+                                             reference: Reference,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts prefilled 3 tokens per chunk, 5 per step, at most 3 rows at once: long
+    prompts span many steps while other rows decode; the rest wait for room. Every step is
+    ONE forward: the running rows' decode tokens and the chunks (a row's first, or one
+    continuing it) packed together."""
     engine = await make_engine(prefill_chunk=3, prefill_tokens_per_step=5, max_batch_rows=3)
     reports: list[StepReport] = []
     engine.subscribe(reports.append)
+    plans: list[PackedPlan] = []
+    real = engine.base.model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        plans.append(kwargs["packed_plan"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.base.model, "forward", forward)
     names = ("soka", "bottleneck", "hyperloader", "lora", "dora")
     handles = [engine.submit(GenerationRequest(prompt=PROMPTS[6 - i], sampling=GREEDY,
                                                adapter=spec(n, adapters[n])))
@@ -251,6 +262,10 @@ async def test_chunked_prefill_and_row_limit(make_engine: EngineFactory,
     assert max(r.prefill_tokens for r in reports) <= 5
     assert max(len(r.adapters) for r in reports) <= 3
     assert any(r.decode_rows and r.prefill_tokens for r in reports)  # interleaved
+    assert len(plans) == sum(1 for r in reports if r.decode_rows or r.prefill_tokens)
+    assert any(p.decode and len(p.chunks) == 2 for p in plans)  # decode + two rows' chunks
+    assert any(p.decode and any(c.mask is not None for c in p.chunks)  # a continued row
+               for p in plans)
 
 
 async def test_events_carry_the_models_logprobs(make_engine: EngineFactory,

@@ -1,6 +1,7 @@
-"""Decode attention grouped by row length (``tessera.engine.attention``): the plan is the
-cheapest split, and attention through it equals per-row softmax attention written in plain
-torch, GQA included; the engine's model runs it."""
+"""The engine's attention (``tessera.engine.attention``): decode attention grouped by row
+length (the plan is the cheapest split) and the packed step (decode tokens over the slab,
+prefill chunks over their rows' own keys) equal per-token softmax attention written in
+plain torch, GQA included; the engine's model runs it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tessera.engine import attention
-from tessera.engine.attention import cuts, plan, slab_attention
+from tessera.engine.attention import cuts, decode_attention, packed_attention, plan
+from tessera.engine.kvcache import BatchCache, ChunkKV
 
 
 def _cost(widths: list[int], base: int, ends: list[int], group_cost: int) -> int:
@@ -65,6 +67,8 @@ class _Attention(torch.nn.Module):
         super().__init__()
         self.num_key_value_groups = groups
         self.training = False
+        self.is_causal = True
+        self.layer_idx = 0
 
 
 def _reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -96,18 +100,85 @@ def test_grouped_attention_equals_per_row_attention(heads: tuple[int, int]) -> N
     key, value = slab_k[:len(lengths), :, :width], slab_v[:len(lengths), :, :width]  # views
     found = plan(lengths, torch.device("cpu"), torch.float32)
     assert found is not None and len(found.groups) >= 2
-    out, _ = slab_attention(_Attention(h // h_kv), query, key, value, None,
-                            scaling=1 / math.sqrt(8), slab_plan=found)
-    assert out.shape == (len(lengths), 1, h, 8)
-    torch.testing.assert_close(out.double(), _reference(query, key, value, lengths),
-                               atol=1e-5, rtol=1e-5)
+    span = torch.arange(width).unsqueeze(0)  # [1, W]
+    mask = torch.zeros(len(lengths), width).masked_fill(
+        span > torch.tensor(lengths).unsqueeze(1), torch.finfo(torch.float32).min)
+    want = _reference(query, key, value, lengths)
+    for groups in (found, None):  # grouped, and one SDPA over the whole width
+        out = decode_attention(_Attention(h // h_kv), query, key, value, mask[:, None, None],
+                               groups, scaling=1 / math.sqrt(8))
+        assert out.shape == (len(lengths), 1, h, 8)
+        torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_the_engine_model_runs_the_grouped_attention_where_it_runs_sdpa(
-        builtin_dir: Path) -> None:
-    model = AutoModelForCausalLM.from_pretrained(str(builtin_dir))
-    assert attention.install(model)
+def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One query over its keys, every head: q [H, D], k/v [H_kv, n, D] -> [H, D] (float64)."""
+    h, d = q.shape
+    groups = h // k.shape[0]
+    out = torch.zeros(h, d, dtype=torch.float64)
+    for j in range(h):
+        weights = torch.softmax(k[j // groups].double() @ q[j].double() / math.sqrt(d), dim=0)
+        out[j] = weights @ v[j // groups].double()
+    return out
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
+@pytest.mark.parametrize("lengths", [[3, 300, 5, 7], [9, 12, 10]])  # grouped, one group
+def test_packed_step_attention_equals_per_token_attention(
+        heads: tuple[int, int], lengths: list[int]) -> None:
+    """Decode rows of the slab, a chunk that starts a row (causal) and one that continues
+    a row (its earlier keys, then causal): every token attends to exactly its row's keys up
+    to its own position; the slab gets each decode row's new key at its length and the
+    chunks' rows their new keys, nothing else."""
+    h, h_kv = heads
+    d = 8
+    gen = torch.Generator().manual_seed(1)
+    cache = BatchCache()
+    for n in lengths:
+        cache.add([(torch.randn(1, h_kv, n, d, generator=gen),
+                    torch.randn(1, h_kv, n, d, generator=gen))], n)
+    rows = [(cache.layers[0][0][i, :, :n].clone(), cache.layers[0][1][i, :, :n].clone())
+            for i, n in enumerate(lengths)]  # [H_kv, n, D] each, before the step
+    past = (torch.randn(1, h_kv, 6, d, generator=gen), torch.randn(1, h_kv, 6, d, generator=gen))
+    b = len(lengths)
+    chunks = [ChunkKV(b, 4, None), ChunkKV(b + 4, 5, [past])]
+    tokens = b + 9
+    query = torch.randn(1, h, tokens, d, generator=gen)  # [1, H, T, D]
+    key = torch.randn(1, h_kv, tokens, d, generator=gen)
+    value = torch.randn(1, h_kv, tokens, d, generator=gen)
+    inputs = cache.packed(True, chunks, 1, torch.device("cpu"), torch.float32)
+    assert (inputs.plan.groups is not None) == (max(lengths) > 100)
+    inputs.cache.layers[0].update(key, value)
+    out, _ = packed_attention(_Attention(h // h_kv), query, key, value, None,
+                              scaling=1 / math.sqrt(d), packed_plan=inputs.plan)
+    assert out.shape == (1, tokens, h, d)
+    want = torch.zeros(tokens, h, d, dtype=torch.float64)
+    for i, (k, v) in enumerate(rows):  # decode: its row's keys, then its new one
+        want[i] = _softmax_attention(query[0, :, i], torch.cat([k, key[0, :, i:i + 1]], 1),
+                                     torch.cat([v, value[0, :, i:i + 1]], 1))
+    for q in range(4):  # the first chunk: its own keys up to itself
+        t = b + q
+        want[t] = _softmax_attention(query[0, :, t], key[0, :, b:t + 1], value[0, :, b:t + 1])
+    for q in range(5):  # the second: the row's 6 earlier keys, then its own up to itself
+        t = b + 4 + q
+        want[t] = _softmax_attention(
+            query[0, :, t], torch.cat([past[0][0], key[0, :, b + 4:t + 1]], 1),
+            torch.cat([past[1][0], value[0, :, b + 4:t + 1]], 1))
+    torch.testing.assert_close(out[0].double(), want, atol=1e-5, rtol=1e-5)
+    slab_k = cache.layers[0][0]
+    for i, n in enumerate(lengths):  # written in place at its length, the rest untouched
+        torch.testing.assert_close(slab_k[i, :, :n], rows[i][0])
+        torch.testing.assert_close(slab_k[i, :, n], key[0, :, i])
+    first, second = inputs.chunk_kv(0)[0], inputs.chunk_kv(1)[0]
+    torch.testing.assert_close(first[0], key[:, :, b:b + 4])
+    torch.testing.assert_close(second[0], torch.cat([past[0], key[:, :, b + 4:]], 2))
+    assert cache.lengths == lengths  # lengths advance only when the step is taken
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_the_engine_model_runs_the_packed_attention(builtin_dir: Path,
+                                                    implementation: str) -> None:
+    model = AutoModelForCausalLM.from_pretrained(str(builtin_dir),
+                                                 attn_implementation=implementation)
+    attention.install(model)
     assert model.config._attn_implementation == attention.NAME
-    eager = AutoModelForCausalLM.from_pretrained(str(builtin_dir), attn_implementation="eager")
-    assert not attention.install(eager)  # other implementations are left alone
-    assert eager.config._attn_implementation == "eager"

@@ -87,13 +87,14 @@ async def test_a_detokenizer_failure_mid_stream_fails_that_row(
 
 def fail_decodes(monkeypatch: pytest.MonkeyPatch, model: Any, message: str,
                  fail: Callable[[], bool]) -> list[int]:
-    """Fault injection: decode forwards (one token per row) raise ``message`` while
-    ``fail()`` says so; returns the running count of injected failures."""
+    """Fault injection: forwards that carry decode tokens (the packed plan's first part)
+    raise ``message`` while ``fail()`` says so; returns the running count of injected
+    failures."""
     real, count = model.forward, [0]
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        ids = kwargs.get("input_ids")
-        if ids is not None and ids.shape[1] == 1 and fail():
+        plan = kwargs.get("packed_plan")
+        if plan is not None and plan.decode and fail():
             count[0] += 1
             raise RuntimeError(message)
         return real(*args, **kwargs)
@@ -133,8 +134,9 @@ async def test_a_decode_forward_that_keeps_failing_fails_its_rows_only(
 async def test_joining_rows_prefill_in_one_forward_or_alone_if_it_fails(
         make_engine: EngineFactory, adapters: dict[str, Adapter], reference: Reference,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rows joining together prefill in ONE forward (different lengths and adapters, right
-    padded); when that forward fails they are prefilled one by one, each still correct."""
+    """Rows joining together prefill in ONE forward (different lengths and adapters, packed
+    one after the other, no padding); when that forward fails they are prefilled one by
+    one, each still correct."""
     names = ("lora", None, "soka", "bottleneck")
     for broken in (False, True):
         engine = await make_engine()
@@ -142,13 +144,12 @@ async def test_joining_rows_prefill_in_one_forward_or_alone_if_it_fails(
             prompt="x", sampling=GREEDY, adapter=spec(n, adapters[n]))).result()
             for n in names if n))
         model = engine.base.model
-        real, shapes = model.forward, []
+        real, chunks = model.forward, []
 
         def forward(*args: Any, broken: bool = broken, real: Any = real,
-                    shapes: list[tuple[int, ...]] = shapes, **kwargs: Any) -> Any:
-            ids = kwargs["input_ids"]
-            shapes.append(tuple(ids.shape))
-            if broken and ids.shape[0] > 1 and ids.shape[1] > 1:  # the batched prefill
+                    chunks: list[int] = chunks, **kwargs: Any) -> Any:
+            chunks.append(len(kwargs["packed_plan"].chunks))
+            if broken and chunks[-1] > 1:  # the rows' prefill together
                 raise RuntimeError("out of memory (injected)")
             return real(*args, **kwargs)
 
@@ -160,8 +161,8 @@ async def test_joining_rows_prefill_in_one_forward_or_alone_if_it_fails(
         for i, (n, result) in enumerate(zip(names, results, strict=True)):
             assert result.token_ids == reference.greedy(adapters[n] if n else None,
                                                         PROMPTS[i], 8), (broken, n)
-        prefills = [s for s in shapes if s[1] > 1]
-        if broken:  # the failed batch, then one forward per row
-            assert prefills[0][0] == 4 and [s[0] for s in prefills[1:]] == [1, 1, 1, 1]
+        prefills = [n for n in chunks if n]
+        if broken:  # the failed step, then one forward per row
+            assert prefills == [4, 1, 1, 1, 1]
         else:
-            assert [s[0] for s in prefills] == [4]
+            assert prefills == [4]
