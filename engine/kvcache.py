@@ -198,8 +198,11 @@ class BatchCache:
         have_rows, have_length = self.capacity
         if self.layers and rows <= have_rows and length <= have_length:
             return
-        new_rows = max(rows, 2 * have_rows, 1)
-        new_length = max(length, 2 * have_length, _MIN_LENGTH)
+        # only the dimension that is short grows (doubling both whenever either was short
+        # took 32 rows of 170 tokens to a 64 x 5,472 slab)
+        new_rows = have_rows if rows <= have_rows else max(rows, 2 * have_rows, 1)
+        new_length = (have_length if length <= have_length
+                      else max(length, 2 * have_length, _MIN_LENGTH))
         if self.limit is not None and new_rows * new_length > self.limit:  # never past it
             new_length = max(length, min(new_length, self.limit // new_rows))
             new_rows = max(rows, min(new_rows, self.limit // new_length))

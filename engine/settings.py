@@ -69,7 +69,7 @@ class EngineSettings(BaseSettings):
     context_limit: int | None = Field(
         None, ge=2, description="prompt + max_tokens limit; None = the model's "
                                 "max_position_embeddings")
-    prefill_chunk: int = Field(512, ge=1, description="prompt tokens per prefill forward")
+    prefill_chunk: int = Field(512, ge=1, description="prompt tokens of one row per step")
     kv_cache_tokens: int = Field(
         65536, ge=16, le=1 << 30,
         description="token positions (per layer) the running batch's KV cache may hold; "

@@ -38,6 +38,17 @@ def test_slabs_never_grow_past_their_limit() -> None:
     assert cache.lengths == [10, 10, 10]
 
 
+def test_slabs_grow_only_the_dimension_that_is_short() -> None:
+    """Memory follows use: rows joining one by one double the rows, not the length too."""
+    cache = BatchCache()
+    row = [(torch.zeros(1, 2, 170, 4), torch.zeros(1, 2, 170, 4))]  # [1, H, L, D]
+    for _ in range(32):
+        cache.add(row, 170)
+    assert cache.capacity == (32, 171)
+    cache.add([(torch.zeros(1, 2, 300, 4), torch.zeros(1, 2, 300, 4))], 300)
+    assert cache.capacity == (64, 342)  # both were short: each doubles
+
+
 async def test_preempted_rows_give_the_reference_tokens(
         make_engine: EngineFactory, adapters: dict[str, Adapter], reference: Reference) -> None:
     """Six rows of 40 new tokens each in a budget that holds about two: rows are preempted
