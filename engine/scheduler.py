@@ -7,8 +7,9 @@ Every iteration of :meth:`Scheduler._run`:
 2. admit: waiting requests whose adapter holds a slot (pinned for the row) join, up to
    ``max_batch_rows``; a cold adapter's load was started at submit, off the loop;
 3. step (forward thread): drop removed rows, copy newly placed adapters into their slots,
-   one decode forward over every running row — any mix of adapters and methods, slot id
-   per row — then prefill chunks of joining rows (their first token comes out of it);
+   then ONE forward over a packed sequence: the next token of every running row and the
+   prefill chunks of joining rows (their first token comes out of it) — any mix of
+   adapters and methods, slot id per token (:mod:`tessera.engine.step`);
 4. deliver the step's events to the requests' handles; finished rows are unpinned.
 
 Hot tenants (:mod:`tessera.engine.hot`): between steps the scheduler installs the merge

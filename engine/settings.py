@@ -78,8 +78,8 @@ class EngineSettings(BaseSettings):
     kv_block_size: int = Field(16, ge=1, le=4096, description="KV positions per block: "
                                "the unit of the KV budget and of its usage metric")
     prefill_tokens_per_step: int = Field(
-        2048, ge=1, description="prompt tokens prefilled between two decode steps (bounds "
-                                "the decode stall a long prompt causes)")
+        2048, ge=1, description="prompt tokens in one step's forward beside the decode "
+                                "tokens (bounds the decode stall a long prompt causes)")
     max_stop_sequences: int = Field(8, ge=0)
     max_stop_length: int = Field(128, ge=1)
     drain_timeout_s: float = Field(30.0, ge=0)
