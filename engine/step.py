@@ -33,7 +33,7 @@ from tessera.adapters import SlotPool
 from tessera.engine.detok import TextStream
 from tessera.engine.errors import RowError, StepError
 from tessera.engine.hot import Merge
-from tessera.engine.kvcache import KV, BatchCache, ChunkKV, KVBudget
+from tessera.engine.kvcache import KV, BatchCache, ChunkKV, KVBudget, PackedInputs
 from tessera.engine.model import LoadedModel
 from tessera.engine.requests import FinishReason, RequestHandle, TokenEvent
 from tessera.engine.sampling import NonFiniteLogitsError, Picked, Sampler, pick_batch
@@ -107,6 +107,17 @@ class StepResult:
     request_ids: list[str] = field(default_factory=list)  # per forward row
     adapters: list[str | None] = field(default_factory=list)  # per forward row
     merged: list[bool] = field(default_factory=list)  # per forward row: ran on the hot merge
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A packed forward that succeeded: what its rows take (:meth:`Stepper._apply`)."""
+
+    running: list[Row]  # decode rows, in slab order
+    chunks: list[tuple[Row, int]]  # (row, prompt tokens) in packed order
+    inputs: PackedInputs  # the chunks' rows' keys/values
+    picked: Picked | None  # decode rows first, then the rows of ``sampled``
+    sampled: dict[int, int]  # chunk index -> its row in ``picked`` (prompt done, sampled)
 
 
 @dataclass(eq=False)
@@ -235,11 +246,14 @@ class Stepper:
 
     # --- the packed forward ---------------------------------------------------------------
     def _run(self, decode: bool, chunks: list[tuple[Row, int]], result: StepResult) -> None:
+        """One packed forward (:meth:`_forward`), then its rows take their tokens."""
+        self._apply(self._forward(decode, chunks), result)
+
+    def _forward(self, decode: bool, chunks: list[tuple[Row, int]]) -> Forward:
         """ONE forward over a flat token sequence: the next token of every running row
         (``decode``), then ``count`` prompt tokens of each prefilling row, each token at its
-        row's position with its row's slot. Rows are updated only once the forward succeeded
-        (so a failed one can run again); one host transfer samples every row that needs a
-        token. Rows finishing their prompt join the batch cache."""
+        row's position with its row's slot; one host transfer samples every row that needs
+        a token. Changes no row: if it raises, the step can run again."""
         running = self.main.rows if decode else []
         b = len(running)
         tokens: list[int] = [s.last_token for s in running]
@@ -252,10 +266,9 @@ class Stepper:
             tokens.extend(seq.pending[start:start + count])
             positions.extend(range(start, start + count))
             rows.extend([seq] * count)
-        done = [(i, seq) for i, (seq, count) in enumerate(chunks)
-                if seq.prefilled + count == len(seq.pending)]  # prompt complete this step
-        sampled = [(i, seq) for i, seq in done if seq.resume is None]  # recomputed: none
-        keep = list(range(b)) + [specs[i].start + specs[i].length - 1 for i, _ in sampled]
+        sampled = [i for i, (seq, count) in enumerate(chunks)  # prompt done (not recomputed)
+                   if seq.prefilled + count == len(seq.pending) and seq.resume is None]
+        keep = list(range(b)) + [specs[i].start + specs[i].length - 1 for i in sampled]
         device = self.base.device
         inputs = self.main.cache.packed(decode, specs, self.base.layers, device,
                                         self.base.dtype)
@@ -266,28 +279,39 @@ class Stepper:
                              logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
                              **inputs.kwargs())
         logits = out.logits[0]  # [K, V]: decode rows, then the sampled chunks' last tokens
-        # the forward succeeded: from here on the rows change
-        samplers = [s.sampler for s in running] + [seq.sampler for _, seq in sampled]
+        samplers = [s.sampler for s in running] + [chunks[i][0].sampler for i in sampled]
         picked = pick_batch(logits, samplers) if samplers else None  # one host transfer
-        if decode:
+        return Forward(running, chunks, inputs, picked,
+                       {i: b + k for k, i in enumerate(sampled)})
+
+    def _apply(self, done: Forward, result: StepResult) -> None:
+        """The rows of a successful forward take their tokens; rows finishing their prompt
+        join the batch cache (a join that fails — no memory for the slab — fails its row)."""
+        picked = done.picked
+        if done.running:
+            assert picked is not None
             self.main.cache.advance()
-            for i, seq in enumerate(running):
-                assert picked is not None
+            for i, seq in enumerate(done.running):
                 self._take(seq, picked, i, result, "decode")
-            result.decode_rows += b
-            self._record(running, result)
-        order = {i: b + k for k, (i, _) in enumerate(sampled)}
-        for i, (seq, count) in enumerate(chunks):
+            result.decode_rows += len(done.running)
+            self._record(done.running, result)
+        for i, (seq, count) in enumerate(done.chunks):
             seq.prefilled += count
-            seq.kv = inputs.chunk_kv(i)
+            seq.kv = done.inputs.chunk_kv(i)
             result.prefill_tokens += count
             self._record([seq], result)
             if seq.prefilled < len(seq.pending):
                 continue
-            if i not in order or (  # a recomputed row samples nothing
-                    picked is not None and self._take(seq, picked, order[i], result, "prefill")
+            row = done.sampled.get(i)
+            if row is None or (  # a recomputed row samples nothing
+                    picked is not None and self._take(seq, picked, row, result, "prefill")
                     and seq.finish is None):
-                self._join(seq, seq.kv, len(seq.pending), result)
+                try:
+                    self._join(seq, seq.kv, len(seq.pending), result)
+                except Exception as exc:
+                    log.warning("join failed", extra={"request_id": seq.request_id,
+                                                      "error": repr(exc)})
+                    result.failed.append((seq, _row_error(exc, "prefill")))
             seq.kv = None  # the batch cache holds a copy now
 
     @staticmethod

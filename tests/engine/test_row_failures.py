@@ -166,3 +166,26 @@ async def test_joining_rows_prefill_in_one_forward_or_alone_if_it_fails(
             assert prefills == [4, 1, 1, 1, 1]
         else:
             assert prefills == [4]
+
+
+async def test_a_row_that_cannot_join_the_batch_cache_fails_alone(
+        make_engine: EngineFactory, reference: Reference,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: copying one prefilled row into the batch KV cache raises (no memory
+    for the slab) after the step's forward succeeded: that row fails, the rows of the same
+    step keep their tokens and equal the reference, none runs twice."""
+    engine = await make_engine()
+    cache = engine.scheduler.stepper.main.cache
+    real, lengths = cache.add, [len(reference.ids(p)) for p in PROMPTS[:3]]
+
+    def add(row: Any, length: int) -> None:
+        if length == lengths[1]:
+            raise RuntimeError("out of memory (injected)")
+        real(row, length)
+
+    monkeypatch.setattr(cache, "add", add)
+    handles = [engine.submit(GenerationRequest(prompt=p, sampling=GREEDY)) for p in PROMPTS[:3]]
+    with pytest.raises(RowError, match="injected"):
+        await handles[1].result()
+    for i in (0, 2):
+        assert (await handles[i].result()).token_ids == reference.greedy(None, PROMPTS[i], 8)
