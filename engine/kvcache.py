@@ -153,12 +153,13 @@ class PackedInputs:
     cache: DynamicCache  # PackedLayer per layer
     plan: PackedPlan
     device: torch.device
+    dtype: torch.dtype
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the model's forward. The attention mask is a placeholder:
         a 4-D mask makes transformers skip building its own ([T, T + past] per step); the
         plan holds the real ones and reaches the attention."""
-        mask = torch.zeros((1, 1, 1, 1), device=self.device)
+        mask = torch.zeros((1, 1, 1, 1), dtype=self.dtype, device=self.device)
         return {"attention_mask": mask, "cache": self.cache, "use_cache": True,
                 "packed_plan": self.plan}
 
@@ -271,7 +272,7 @@ class BatchCache:
                 kv[i]))
         spec = tuple(Chunk(c.start, c.length, _chunk_mask(c.length, c.past_length, device,
                                                           dtype)) for c in chunks)
-        return PackedInputs(cache, PackedPlan(rows, mask, groups, spec, kv), device)
+        return PackedInputs(cache, PackedPlan(rows, mask, groups, spec, kv), device, dtype)
 
     def advance(self) -> None:
         """After a successful decode step: every row grew by its new token."""

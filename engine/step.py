@@ -56,7 +56,7 @@ class Row:
     loader: AdapterLoader | None = None
     ignore_eos: bool = False
     slot: int = -1
-    prefilled: int = 0  # prompt tokens already in ``cache``
+    prefilled: int = 0  # prompt tokens already in ``kv``
     kv: list[KV] | None = None  # its keys/values per layer [1, H, prefilled, D] while prefilling
     last_token: int = -1
     completion: int = 0
@@ -180,12 +180,14 @@ class Stepper:
         decode = bool(self.main.rows)
         if decode or chunks:
             try:
-                self._run(decode, chunks, result)
-            except Exception as exc:  # nothing was taken: run the parts on their own
+                done = self._forward(decode, chunks)
+            except Exception as exc:  # no row changed: run the parts on their own
                 log.warning("packed step failed; running its parts on their own",
                             extra={"rows": len(self.main.rows), "chunks": len(chunks),
                                    "error": repr(exc)})
                 self._run_apart(decode, chunks, result)
+            else:
+                self._apply(done, result)
         gone = set(result.finished) | {seq for seq, _ in result.failed}
         if gone:
             self._keep(gone)
@@ -197,18 +199,22 @@ class Stepper:
         fails too, those rows fail), then each chunk in its own (if it fails, its row)."""
         if decode:
             try:
-                self._run(True, [], result)
+                done = self._forward(True, [])
             except Exception as exc:
                 log.exception("decode forward failed twice", extra={"rows": len(self.main.rows)})
                 error = StepError(f"forward step failed: {exc!r}")
                 result.failed.extend((seq, error) for seq in self.main.rows)
+            else:
+                self._apply(done, result)
         for seq, count in chunks:
             try:
-                self._run(False, [(seq, count)], result)
+                done = self._forward(False, [(seq, count)])
             except Exception as exc:  # one request's forward: it fails alone
                 log.warning("prefill failed", extra={"request_id": seq.request_id,
                                                      "adapter": seq.key, "error": repr(exc)})
                 result.failed.append((seq, _row_error(exc, "prefill")))
+            else:
+                self._apply(done, result)
 
     def clear(self) -> None:
         self.main = Group(self._batch_cache())
@@ -245,10 +251,6 @@ class Stepper:
         return chosen
 
     # --- the packed forward ---------------------------------------------------------------
-    def _run(self, decode: bool, chunks: list[tuple[Row, int]], result: StepResult) -> None:
-        """One packed forward (:meth:`_forward`), then its rows take their tokens."""
-        self._apply(self._forward(decode, chunks), result)
-
     def _forward(self, decode: bool, chunks: list[tuple[Row, int]]) -> Forward:
         """ONE forward over a flat token sequence: the next token of every running row
         (``decode``), then ``count`` prompt tokens of each prefilling row, each token at its
