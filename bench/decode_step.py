@@ -257,7 +257,8 @@ class SlabStep:
     @torch.no_grad()
     def run(self) -> None:
         """The engine's packed step with decode rows only (lengths unchanged: same step)."""
-        inputs = self.cache.packed(True, [], self.layers, torch.device("cpu"), torch.float32)
+        inputs = self.cache.packed(list(range(self.cache.rows)), [], self.layers,
+                                   torch.device("cpu"), torch.float32)
         self.model(input_ids=self.next_ids, position_ids=self.positions, **inputs.kwargs())
 
 

@@ -1,12 +1,13 @@
 """The engine's attention: one packed step, and decode attention grouped by row length.
 
-A packed step (:class:`PackedPlan`) is one forward over a flat sequence ``[1, T]``: first
-one new token of each of the ``B`` running rows, then the prompt chunks of joining rows,
-each token at its own row's position. :func:`packed_attention` splits the attention by
-part: the decode tokens over the KV slab (``[B, H, 1, D]`` queries against slab views, see
-:mod:`tessera.engine.kvcache`), each chunk over its own row's keys (``[1, H, n, D]``
-queries against the row's earlier keys and its own, causal). No padding, no mask over
-``T x T``: a short prompt beside a long one costs its own length.
+A packed step (:class:`PackedPlan`) is one forward over a flat sequence ``[1, T]``: one new
+token of each of the ``B`` running rows and the prompt chunks of joining rows, each token
+at its own row's position (the engine orders them by adapter slot, so that each slot's
+tokens are one run the adapter banks read as a view). :func:`packed_attention` splits the
+attention by part: the decode tokens over the KV slab (``[B, H, 1, D]`` queries against
+slab views, see :mod:`tessera.engine.kvcache`), each chunk over its own row's keys
+(``[1, H, n, D]`` queries against the row's earlier keys and its own, causal). No padding,
+no mask over ``T x T``: a short prompt beside a long one costs its own length.
 
 Decode rows share one slab view ``[B, H_kv, W + 1, D]`` (``W`` the longest row): plain SDPA
 over it reads ``B x (W + 1)`` positions per layer, so one long row makes every short row
@@ -144,11 +145,12 @@ class Chunk:
 
 @dataclass(frozen=True)
 class PackedPlan:
-    """One packed step's attention: its first ``decode`` tokens are one new token of each
-    running row (slab rows ``[0, B)``), then come the prefill ``chunks``. ``kv`` (per layer)
-    is filled by the cache during the forward."""
+    """One packed step's attention: one new token of each running row (slab row ``i``'s at
+    packed position ``decode[i]``) and the prefill ``chunks``, in any order (the engine
+    keeps each adapter slot's tokens together). ``kv`` (per layer) is filled by the cache
+    during the forward."""
 
-    decode: int
+    decode: torch.Tensor  # [B] long: the decode tokens' packed positions, in slab row order
     decode_mask: torch.Tensor | None  # [B, 1, 1, W + 1] additive (None when decode == 0)
     groups: DecodePlan | None  # decode attention grouped by row length; None: one group
     chunks: tuple[Chunk, ...]
@@ -164,7 +166,8 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
     query: [1, H, T, D] (T = decode rows + chunk tokens); key/value are ignored then: each
     part reads its own keys/values from ``packed_plan.kv``. Returns ``([1, T, H, D], None)``
-    as transformers' attention functions do."""
+    as transformers' attention functions do. (Each part writes only its own tokens' rows of
+    the output, and every token belongs to one part.)"""
     if packed_plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
@@ -174,14 +177,14 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     kv = packed_plan.kv[layer_idx]
     _, heads, tokens, dim = query.shape
     out = query.new_empty((1, tokens, heads, dim))  # [1, T, H, D]
-    b = packed_plan.decode
-    if b:
+    index = packed_plan.decode  # [B]
+    if index.numel():
         assert kv.decode is not None and packed_plan.decode_mask is not None
-        q = query[0, :, :b].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+        q = query[0].index_select(1, index).transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
         part = decode_attention(module, q, *kv.decode, packed_plan.decode_mask,
                                 packed_plan.groups, dropout=dropout, scaling=scaling,
                                 **kwargs)  # [B, 1, H, D]
-        out[0, :b] = part[:, 0]
+        out[0].index_copy_(0, index, part[:, 0])
     for chunk, (keys, values) in zip(packed_plan.chunks, kv.chunks, strict=True):
         end = chunk.start + chunk.length
         part, _ = sdpa_attention_forward(  # [1, n, H, D]; no mask: causal

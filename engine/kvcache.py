@@ -98,15 +98,16 @@ def _cat(past: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
 
 class PackedLayer(DynamicLayer):
     """One layer of a packed step. ``update`` takes the step's new keys/values
-    ``[1, H_kv, T, D]`` (decode tokens first, then the chunks), writes each decode row's in
-    place in the slab at its own length, extends each chunk's row with its own, and leaves
-    what attention reads in ``kv`` (slab views, no copy; a chunk's row keys/values)."""
+    ``[1, H_kv, T, D]``, writes each decode row's (at its packed position) in place in the
+    slab at its own length, extends each chunk's row with its own, and leaves what
+    attention reads in ``kv`` (slab views, no copy; a chunk's row keys/values)."""
 
-    def __init__(self, slab: KV | None, lengths: torch.Tensor, width: int,
-                 chunks: list[tuple[int, int, KV | None]], kv: LayerKV) -> None:
+    def __init__(self, slab: KV | None, lengths: torch.Tensor, index: torch.Tensor,
+                 width: int, chunks: list[tuple[int, int, KV | None]], kv: LayerKV) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.slab = slab  # ([R, H, C, D], [R, H, C, D]); None without decode rows
         self.lengths = lengths  # [B] long: where each decode row's new token goes
+        self.index = index  # [B] long: slab row i's token in the packed sequence
         self.rows = torch.arange(int(lengths.shape[0]), device=lengths.device)  # [B]
         self.width = width  # W: the longest decode row before this step
         self.chunks = chunks  # (start, length, the row's keys/values so far or None)
@@ -120,8 +121,10 @@ class PackedLayer(DynamicLayer):
         if b:
             assert self.slab is not None
             keys, values = self.slab  # [R, H, C, D]
-            keys[self.rows, :, self.lengths] = key_states[0, :, :b].transpose(0, 1)  # [B, H, D]
-            values[self.rows, :, self.lengths] = value_states[0, :, :b].transpose(0, 1)
+            keys[self.rows, :, self.lengths] = key_states[0].index_select(  # [B, H, D]
+                1, self.index).transpose(0, 1)
+            values[self.rows, :, self.lengths] = value_states[0].index_select(
+                1, self.index).transpose(0, 1)
             self.kv.decode = (keys[:b, :, :self.width + 1],  # [B, H, W + 1, D] views
                               values[:b, :, :self.width + 1])
         self.kv.chunks = [
@@ -243,13 +246,17 @@ class BatchCache:
                     v[j, :, :width] = v[r, :, :width]
         self.lengths = [self.lengths[r] for r in rows]
 
-    def packed(self, decode: bool, chunks: list[ChunkKV], layers: int,
+    def packed(self, decode: list[int], chunks: list[ChunkKV], layers: int,
                device: torch.device, dtype: torch.dtype) -> PackedInputs:
         """The cache and attention plan of one packed step over ``layers`` layers: one new
-        token of every row (``decode``) then ``chunks``. The decode part's additive mask is
-        0 where a row attends (its tokens and its new one) and the dtype's minimum elsewhere;
-        with ``grouped``, its attention is grouped by row length."""
-        rows = self.rows if decode else 0
+        token of every row, row ``i``'s at packed position ``decode[i]`` (``[]``: no decode
+        tokens), and ``chunks``. The decode part's additive mask is 0 where a row attends
+        (its tokens and its new one) and the dtype's minimum elsewhere; with ``grouped``,
+        its attention is grouped by row length."""
+        if decode and len(decode) != self.rows:
+            raise ValueError(f"{len(decode)} decode positions for {self.rows} rows")
+        rows = len(decode)
+        index = torch.tensor(decode, dtype=torch.long, device=device)  # [B]
         slabs: list[KV | None] = [None] * layers
         lengths = torch.tensor(self.lengths[:rows], dtype=torch.long, device=device)  # [B]
         width = self.width if rows else 0
@@ -267,12 +274,12 @@ class BatchCache:
         cache = DynamicCache()
         for i in range(layers):
             cache.layers.append(PackedLayer(
-                slabs[i], lengths, width,
+                slabs[i], lengths, index, width,
                 [(c.start, c.length, None if c.past is None else c.past[i]) for c in chunks],
                 kv[i]))
         spec = tuple(Chunk(c.start, c.length, _chunk_mask(c.length, c.past_length, device,
                                                           dtype)) for c in chunks)
-        return PackedInputs(cache, PackedPlan(rows, mask, groups, spec, kv), device, dtype)
+        return PackedInputs(cache, PackedPlan(index, mask, groups, spec, kv), device, dtype)
 
     def advance(self) -> None:
         """After a successful decode step: every row grew by its new token."""

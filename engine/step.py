@@ -114,7 +114,7 @@ class Forward:
     """A packed forward that succeeded: what its rows take (:meth:`Stepper._apply`)."""
 
     running: list[Row]  # decode rows, in slab order
-    chunks: list[tuple[Row, int]]  # (row, prompt tokens) in packed order
+    chunks: list[tuple[Row, int]]  # (row, prompt tokens), in the plan's order
     inputs: PackedInputs  # the chunks' rows' keys/values
     picked: Picked | None  # decode rows first, then the rows of ``sampled``
     sampled: dict[int, int]  # chunk index -> its row in ``picked`` (prompt done, sampled)
@@ -173,10 +173,8 @@ class Stepper:
                                                         "slot": write.slot, "error": repr(exc)})
                 result.failed_writes.append((write, exc))
                 failed_keys.add(write.key)
-        # side by side by slot: each adapter's tokens are one run the banks read as a view
-        chunks = sorted(((seq, count) for seq, count in plan.prefill
-                         if seq.key is None or seq.key not in failed_keys),
-                        key=lambda c: c[0].slot)
+        chunks = [(seq, count) for seq, count in plan.prefill
+                  if seq.key is None or seq.key not in failed_keys]
         decode = bool(self.main.rows)
         if decode or chunks:
             try:
@@ -258,29 +256,45 @@ class Stepper:
         a token. Changes no row: if it raises, the step can run again."""
         running = self.main.rows if decode else []
         b = len(running)
-        tokens: list[int] = [s.last_token for s in running]
-        positions: list[int] = list(self.main.cache.lengths) if decode else []
-        rows: list[Row] = list(running)  # per token: its row
-        specs: list[ChunkKV] = []
-        for seq, count in chunks:
-            start = seq.prefilled
-            specs.append(ChunkKV(len(tokens), count, seq.kv))
-            tokens.extend(seq.pending[start:start + count])
-            positions.extend(range(start, start + count))
-            rows.extend([seq] * count)
+        # one run per adapter slot (its decode rows, then its chunks): the banks read a
+        # slot's run as a view, where scattered tokens would be gathered
+        groups: dict[tuple[int, bool], tuple[list[int], list[int]]] = {}
+        for i, seq in enumerate(running):
+            groups.setdefault((seq.slot, seq.hot), ([], []))[0].append(i)
+        for j, (seq, _) in enumerate(chunks):
+            groups.setdefault((seq.slot, seq.hot), ([], []))[1].append(j)
+        tokens: list[int] = []
+        positions: list[int] = []
+        rows: list[Row] = []  # per token: its row
+        at = [0] * b  # slab row i's token in the packed sequence
+        starts = [0] * len(chunks)
+        lengths = self.main.cache.lengths
+        for key in sorted(groups):
+            decoding, chunked = groups[key]
+            for i in decoding:
+                at[i] = len(tokens)
+                tokens.append(running[i].last_token)
+                positions.append(lengths[i])
+                rows.append(running[i])
+            for j in chunked:
+                seq, count = chunks[j]
+                starts[j], start = len(tokens), seq.prefilled
+                tokens.extend(seq.pending[start:start + count])
+                positions.extend(range(start, start + count))
+                rows.extend([seq] * count)
+        specs = [ChunkKV(starts[j], count, seq.kv) for j, (seq, count) in enumerate(chunks)]
         sampled = [i for i, (seq, count) in enumerate(chunks)  # prompt done (not recomputed)
                    if seq.prefilled + count == len(seq.pending) and seq.resume is None]
-        keep = list(range(b)) + [specs[i].start + specs[i].length - 1 for i in sampled]
+        keep = at + [specs[i].start + specs[i].length - 1 for i in sampled]
         device = self.base.device
-        inputs = self.main.cache.packed(decode, specs, self.base.layers, device,
-                                        self.base.dtype)
+        inputs = self.main.cache.packed(at, specs, self.base.layers, device, self.base.dtype)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)  # [1, T]
         with self.pool.use(torch.tensor([[s.slot for s in rows]]),  # slot per token [1, T]
                            hot=[s.hot for s in rows] if self.hot_key else None):
             out = self.model(input_ids=ids, position_ids=torch.tensor([positions], device=device),
                              logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
                              **inputs.kwargs())
-        logits = out.logits[0]  # [K, V]: decode rows, then the sampled chunks' last tokens
+        logits = out.logits[0]  # [K, V]: decode rows (slab order), then the sampled chunks
         samplers = [s.sampler for s in running] + [chunks[i][0].sampler for i in sampled]
         picked = pick_batch(logits, samplers) if samplers else None  # one host transfer
         return Forward(running, chunks, inputs, picked,

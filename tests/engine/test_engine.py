@@ -252,7 +252,15 @@ async def test_chunked_prefill_and_row_limit(make_engine: EngineFactory,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine.base.model, "forward", forward)
-    names = ("soka", "bottleneck", "hyperloader", "lora", "dora")
+    pool, slots = engine.scheduler.stepper.pool, []
+    use = pool.use
+
+    def routed(ids: torch.Tensor, hot: list[bool] | None = None) -> Any:
+        slots.append(ids.reshape(-1).tolist())
+        return use(ids, hot=hot)
+
+    monkeypatch.setattr(pool, "use", routed)
+    names = ("soka", "bottleneck", "soka", "lora", "bottleneck")  # a slot decodes and chunks
     handles = [engine.submit(GenerationRequest(prompt=PROMPTS[6 - i], sampling=GREEDY,
                                                adapter=spec(n, adapters[n])))
                for i, n in enumerate(names)]
@@ -263,9 +271,13 @@ async def test_chunked_prefill_and_row_limit(make_engine: EngineFactory,
     assert max(len(r.adapters) for r in reports) <= 3
     assert any(r.decode_rows and r.prefill_tokens for r in reports)  # interleaved
     assert len(plans) == sum(1 for r in reports if r.decode_rows or r.prefill_tokens)
-    assert any(p.decode and len(p.chunks) == 2 for p in plans)  # decode + two rows' chunks
-    assert any(p.decode and any(c.mask is not None for c in p.chunks)  # a continued row
-               for p in plans)
+    assert any(p.decode.numel() and len(p.chunks) == 2 for p in plans)  # + two rows' chunks
+    assert any(p.decode.numel() and any(c.mask is not None for c in p.chunks)  # a continued
+               for p in plans)  # row
+    for ids in slots:  # each slot's tokens (decode and chunks) are one run
+        runs = [s for k, s in enumerate(ids) if k == 0 or ids[k - 1] != s]
+        assert len(runs) == len(set(ids)), ids
+    assert any(len(set(ids)) > 1 and len(ids) > len(set(ids)) for ids in slots)
 
 
 async def test_events_carry_the_models_logprobs(make_engine: EngineFactory,

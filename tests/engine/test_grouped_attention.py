@@ -126,10 +126,11 @@ def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 @pytest.mark.parametrize("lengths", [[3, 300, 5, 7], [9, 12, 10]])  # grouped, one group
 def test_packed_step_attention_equals_per_token_attention(
         heads: tuple[int, int], lengths: list[int]) -> None:
-    """Decode rows of the slab, a chunk that starts a row (causal) and one that continues
-    a row (its earlier keys, then causal): every token attends to exactly its row's keys up
-    to its own position; the slab gets each decode row's new key at its length and the
-    chunks' rows their new keys, nothing else."""
+    """Decode rows of the slab (their tokens in another order than their slab rows), a
+    chunk that starts a row (causal) and one that continues a row (its earlier keys, then
+    causal), interleaved in the packed sequence: every token attends to exactly its row's
+    keys up to its own position; the slab gets each decode row's new key at its length and
+    the chunks' rows their new keys, nothing else."""
     h, h_kv = heads
     d = 8
     gen = torch.Generator().manual_seed(1)
@@ -141,12 +142,15 @@ def test_packed_step_attention_equals_per_token_attention(
             for i, n in enumerate(lengths)]  # [H_kv, n, D] each, before the step
     past = (torch.randn(1, h_kv, 6, d, generator=gen), torch.randn(1, h_kv, 6, d, generator=gen))
     b = len(lengths)
-    chunks = [ChunkKV(b, 4, None), ChunkKV(b + 4, 5, [past])]
+    # packed: the first chunk's 4 tokens, the decode rows in reverse slab order, the second
+    # chunk's 5 tokens
+    at = [4 + b - 1 - i for i in range(b)]  # slab row i's packed position
+    chunks = [ChunkKV(0, 4, None), ChunkKV(4 + b, 5, [past])]
     tokens = b + 9
     query = torch.randn(1, h, tokens, d, generator=gen)  # [1, H, T, D]
     key = torch.randn(1, h_kv, tokens, d, generator=gen)
     value = torch.randn(1, h_kv, tokens, d, generator=gen)
-    inputs = cache.packed(True, chunks, 1, torch.device("cpu"), torch.float32)
+    inputs = cache.packed(at, chunks, 1, torch.device("cpu"), torch.float32)
     assert (inputs.plan.groups is not None) == (max(lengths) > 100)
     inputs.cache.layers[0].update(key, value)
     out, _ = packed_attention(_Attention(h // h_kv), query, key, value, None,
@@ -154,11 +158,11 @@ def test_packed_step_attention_equals_per_token_attention(
     assert out.shape == (1, tokens, h, d)
     want = torch.zeros(tokens, h, d, dtype=torch.float64)
     for i, (k, v) in enumerate(rows):  # decode: its row's keys, then its new one
-        want[i] = _softmax_attention(query[0, :, i], torch.cat([k, key[0, :, i:i + 1]], 1),
-                                     torch.cat([v, value[0, :, i:i + 1]], 1))
+        t = at[i]
+        want[t] = _softmax_attention(query[0, :, t], torch.cat([k, key[0, :, t:t + 1]], 1),
+                                     torch.cat([v, value[0, :, t:t + 1]], 1))
     for q in range(4):  # the first chunk: its own keys up to itself
-        t = b + q
-        want[t] = _softmax_attention(query[0, :, t], key[0, :, b:t + 1], value[0, :, b:t + 1])
+        want[q] = _softmax_attention(query[0, :, q], key[0, :, :q + 1], value[0, :, :q + 1])
     for q in range(5):  # the second: the row's 6 earlier keys, then its own up to itself
         t = b + 4 + q
         want[t] = _softmax_attention(
@@ -168,9 +172,9 @@ def test_packed_step_attention_equals_per_token_attention(
     slab_k = cache.layers[0][0]
     for i, n in enumerate(lengths):  # written in place at its length, the rest untouched
         torch.testing.assert_close(slab_k[i, :, :n], rows[i][0])
-        torch.testing.assert_close(slab_k[i, :, n], key[0, :, i])
+        torch.testing.assert_close(slab_k[i, :, n], key[0, :, at[i]])
     first, second = inputs.chunk_kv(0)[0], inputs.chunk_kv(1)[0]
-    torch.testing.assert_close(first[0], key[:, :, b:b + 4])
+    torch.testing.assert_close(first[0], key[:, :, :4])
     torch.testing.assert_close(second[0], torch.cat([past[0], key[:, :, b + 4:]], 2))
     assert cache.lengths == lengths  # lengths advance only when the step is taken
 
