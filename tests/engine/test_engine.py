@@ -252,15 +252,7 @@ async def test_chunked_prefill_and_row_limit(make_engine: EngineFactory,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine.base.model, "forward", forward)
-    pool, slots = engine.scheduler.stepper.pool, []
-    use = pool.use
-
-    def routed(ids: torch.Tensor, hot: list[bool] | None = None) -> Any:
-        slots.append(ids.reshape(-1).tolist())
-        return use(ids, hot=hot)
-
-    monkeypatch.setattr(pool, "use", routed)
-    names = ("soka", "bottleneck", "soka", "lora", "bottleneck")  # a slot decodes and chunks
+    names = ("soka", "bottleneck", "hyperloader", "lora", "dora")
     handles = [engine.submit(GenerationRequest(prompt=PROMPTS[6 - i], sampling=GREEDY,
                                                adapter=spec(n, adapters[n])))
                for i, n in enumerate(names)]
@@ -274,10 +266,38 @@ async def test_chunked_prefill_and_row_limit(make_engine: EngineFactory,
     assert any(p.decode.numel() and len(p.chunks) == 2 for p in plans)  # + two rows' chunks
     assert any(p.decode.numel() and any(c.mask is not None for c in p.chunks)  # a continued
                for p in plans)  # row
-    for ids in slots:  # each slot's tokens (decode and chunks) are one run
+
+
+async def test_each_slot_is_one_run_of_the_packed_step(
+        make_engine: EngineFactory, adapters: dict[str, Adapter], reference: Reference,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of LoRA and DoRA decode (slab order: LoRA, DoRA) while a second LoRA row's
+    prompt is prefilled in chunks: in every step's packed sequence each adapter slot's
+    tokens — its decode rows' and its chunk — are one run (the banks read it as a view),
+    and every row equals the reference."""
+    engine = await make_engine(prefill_chunk=3)
+    pool, slots = engine.scheduler.stepper.pool, []
+    use = pool.use
+
+    def routed(ids: torch.Tensor, hot: list[bool] | None = None) -> Any:
+        slots.append(ids.reshape(-1).tolist())
+        return use(ids, hot=hot)
+
+    monkeypatch.setattr(pool, "use", routed)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    jobs = ((PROMPTS[0], "lora"), (PROMPTS[2], "dora"), (PROMPTS[6], "lora"))
+    handles = []
+    for prompt, name in jobs:
+        handles.append(engine.submit(GenerationRequest(
+            prompt=prompt, sampling=params, adapter=spec(name, adapters[name]))))
+        while len(handles) < 3 and len(engine.scheduler.stepper.running) < len(handles):
+            await asyncio.sleep(0.002)  # decoding before the next one is sent
+    for (prompt, name), handle in zip(jobs, handles, strict=True):
+        assert (await handle.result()).token_ids == reference.greedy(adapters[name], prompt, 30)
+    for ids in slots:
         runs = [s for k, s in enumerate(ids) if k == 0 or ids[k - 1] != s]
         assert len(runs) == len(set(ids)), ids
-    assert any(len(set(ids)) > 1 and len(ids) > len(set(ids)) for ids in slots)
+    assert any(len(ids) > 3 and len(set(ids)) == 2 for ids in slots)  # decode + a chunk
 
 
 async def test_events_carry_the_models_logprobs(make_engine: EngineFactory,
