@@ -68,8 +68,6 @@ from tessera.adapters.banks.lowrank import LowRankBank, choose_form
 from tessera.adapters.methods.lora import LoraConfig
 from tessera.adapters.peft_io import load_peft_dir
 from tessera.adapters.plan import Routing
-from tessera.engine import attention
-from tessera.engine.kvcache import BatchCache, cache_tensors
 from tests.factories import FACTORIES
 from tests.factories.lora import lora_modules
 
@@ -235,48 +233,6 @@ def hut_forms(args: argparse.Namespace, counts: list[int]) -> list[dict[str, obj
     return rows
 
 
-class SlabStep:
-    """The engine's batch KV slab holding rows of ``lengths`` tokens (random prefilled
-    keys/values); ``run()`` is one decode step that leaves the slab as it was."""
-
-    def __init__(self, model: torch.nn.Module, lengths: list[int], *,
-                 grouped: bool = False) -> None:
-        gen = torch.Generator().manual_seed(2)
-        self.model = model
-        self.cache = BatchCache(grouped=grouped)
-        with torch.no_grad():
-            for n in lengths:  # one prefill each: real keys/values at real positions
-                kv = DynamicCache()
-                model(input_ids=torch.randint(0, 4096, (1, n), generator=gen), cache=kv,
-                      use_cache=True, logits_to_keep=1)
-                self.cache.add(cache_tensors(kv), n)
-        self.next_ids = torch.randint(0, 4096, (1, len(lengths)), generator=gen)  # [1, B]
-        self.positions = torch.tensor([lengths])  # [1, B]
-        self.layers = int(model.config.num_hidden_layers)
-
-    @torch.no_grad()
-    def run(self) -> None:
-        """The engine's packed step with decode rows only (lengths unchanged: same step)."""
-        inputs = self.cache.packed(list(range(self.cache.rows)), [], self.layers,
-                                   torch.device("cpu"), torch.float32)
-        self.model(input_ids=self.next_ids, position_ids=self.positions, **inputs.kwargs())
-
-
-def long_row(args: argparse.Namespace) -> list[dict[str, object]]:
-    model = build_model(args)
-    attention.install(model)
-    lengths = [args.prompt] * (args.batch - 1) + [args.long]
-    short = SlabStep(model, [args.prompt] * args.batch)
-    plain = SlabStep(model, lengths)  # one SDPA over the whole width (the old step)
-    grouped = SlabStep(model, lengths, grouped=True)  # what the engine runs
-    ms = paired_ms({"short": short.run, "plain": plain.run, "grouped": grouped.run},
-                   args.reps)
-    return [{"rows": args.batch, "short": args.prompt, "long": args.long,
-             "short_ms": ms["short"], "long_plain_ms": ms["plain"],
-             "long_ms": ms["grouped"], "plain_ratio": ms["plain"] / ms["short"],
-             "ratio": ms["grouped"] / ms["short"]}]
-
-
 def hot(args: argparse.Namespace) -> list[dict[str, object]]:
     """One decode step with one LoRA adapter at 75% of the rows (the rest spread over 7
     others) and at 100%: through slots vs merged into the step (dLoRA), vs the base step,
@@ -406,6 +362,7 @@ def main() -> None:
                    f"{row['rule_vs_base']:.2f}x the base step ({row['base_ms']:.1f} ms)"))
         return
     if args.long_row:
+        from bench.long_row import long_row  # it builds on this module's model and timing
         report(args, long_row(args), "bench/results/decode_step_long_row.json", lambda row: (
             f"{args.batch} rows of {args.prompt}: {row['short_ms']:.1f} ms; "
             f"{args.batch - 1} of them beside one of {args.long}: {row['long_ms']:.1f} ms"

@@ -79,19 +79,6 @@ class KVBudget:
         return self.area(rows, width) <= self.tokens
 
 
-def cache_tensors(cache: DynamicCache) -> list[KV]:
-    """Per-layer (keys, values) of a DynamicCache."""
-    out: list[KV] = []
-    for layer in cache.layers:
-        keys = getattr(layer, "keys", None)  # full-attention layers only (see above)
-        values = getattr(layer, "values", None)
-        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
-            raise ValueError(f"cache layer {type(layer).__name__} holds no keys/values "
-                             "(only full-attention caches are supported)")
-        out.append((keys, values))
-    return out
-
-
 def _cat(past: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     return new if past is None else torch.cat([past, new], dim=2)
 
