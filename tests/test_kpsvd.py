@@ -136,13 +136,20 @@ def test_kron_bank_segment_and_gather_match_dense() -> None:
     bank.write(2, SlotData({"A": a2, "B": b2}))
     x = rand(5, 10, seed=10)
     h = rand(5, 12, seed=11)
-    slots = torch.tensor([2, 0, -1, 2, 1])  # slot 1 empty, -1 base
-    want = h.clone()
-    for row, (a, b) in {0: (a2, b2), 1: (a1, b1), 3: (a2, b2)}.items():
-        want[row] += dense(a, b) @ x[row]
-    routing = Routing(slots, 3, 1 << 30)
-    torch.testing.assert_close(bank.apply_tokens(routing, [0, 2], h, x, torch.empty(0)), want)
-    torch.testing.assert_close(bank.apply(h, x, torch.empty(0), Routing(slots, 3, 0)), want)
+    terms = {0: (a1, b1), 2: (a2, b2)}
+    # scattered tokens (slot 1 empty, -1 base), then runs (segment mode's in-place spans)
+    for layout in ([2, 0, -1, 2, 1], [0, 0, 0, 2, 2], [-1, 2, 2, 2, 2]):
+        slots = torch.tensor(layout)
+        want = h.clone()
+        for row, slot in enumerate(layout):
+            if slot in terms:
+                want[row] += dense(*terms[slot]) @ x[row]
+        routing = Routing(slots, 3, 1 << 30)
+        active = [s for s in (0, 2) if s in layout]
+        torch.testing.assert_close(bank.apply_tokens(routing, active, h, x, torch.empty(0)),
+                                   want)
+        torch.testing.assert_close(bank.apply(h.clone(), x, torch.empty(0),
+                                              Routing(slots, 3, 0)), want)
 
 
 # --- delta export ----------------------------------------------------------------------------
