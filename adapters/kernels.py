@@ -108,6 +108,12 @@ class PackedLinear(nn.Linear):
         self.packed = pack(self.weight)
 
 
+def packed_of(module: nn.Module | None) -> torch.Tensor | None:
+    """The packed weight ``module`` runs on where it is a :class:`PackedLinear`, else None
+    (what :func:`linear` takes as ``packed``)."""
+    return module.packed if isinstance(module, PackedLinear) else None
+
+
 def pack_linears(model: nn.Module) -> int:
     """Swap every plain ``nn.Linear`` of a frozen ``model`` for a :class:`PackedLinear`
     (subclasses, e.g. quantised linears, are left alone). Returns how many were swapped."""

@@ -75,7 +75,7 @@ class AdapterLayer(nn.Module):
     @property
     def packed(self) -> torch.Tensor | None:
         """W0 packed for oneDNN where the base is a ``PackedLinear`` (kernels), else None."""
-        return self.base.packed if isinstance(self.base, kernels.PackedLinear) else None
+        return kernels.packed_of(self.base)
 
     def base_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``W0 x`` plus ``bias`` ``[N, out]``, on the kernel the base layer runs

@@ -99,12 +99,13 @@ class SlotPool:
         self.meta = StepMeta(config.num_slots, config.gather_budget, self.device)
         self.layers: dict[str, AdapterLayer] = {}
         for path, target in available.items():
-            banks = [BANKS[kind](config.num_slots, target, self.limits, self.dtype, self.device,
-                                 dense_slots=config.dense_slots)
-                     for kind in kinds]
             parent_path, _, child = path.rpartition(".")
             parent = model.get_submodule(parent_path)
-            layer = AdapterLayer(getattr(parent, child), target, banks, self.meta)
+            base = getattr(parent, child)
+            banks = [BANKS[kind](config.num_slots, target, self.limits, self.dtype, self.device,
+                                 dense_slots=config.dense_slots, base_layer=base)
+                     for kind in kinds]
+            layer = AdapterLayer(base, target, banks, self.meta)
             setattr(parent, child, layer)
             self.layers[path] = layer
         self.resident: list[Adapter | None] = [None] * config.num_slots

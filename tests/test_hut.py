@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessera.adapters import PoolConfig, SlotPool, merged_model, merged_weights, reference_model
+from tessera.adapters import (
+    PoolConfig,
+    SlotPool,
+    kernels,
+    merged_model,
+    merged_weights,
+    reference_model,
+)
 from tessera.adapters import targets as tg
 from tessera.adapters.banks import hadamard
 from tessera.adapters.banks.affine import AffineBank
@@ -91,6 +98,45 @@ def test_hadamard_identity_against_dense_construction() -> None:
     routing = Routing(slots, 3, 1 << 30)
     torch.testing.assert_close(bank.apply_tokens(routing, [0, 1], h, x, w0), want)
     torch.testing.assert_close(bank.apply(h, x, w0, Routing(slots, 3, 0)), want)
+
+
+def test_stacked_form_runs_on_the_base_layers_packed_weight() -> None:
+    """The W0 GEMM of the stacked form on the oneDNN weight the base layer runs (the pool
+    hands each bank its layer): the same delta as the dense construction, in fp32."""
+    out_f, in_f, r = 48, 40, 3
+    linear = torch.nn.Linear(in_f, out_f, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(rand(out_f, in_f, seed=1))
+    packed = kernels.PackedLinear(linear)
+    w0 = linear.weight.detach()  # [out, in]
+    a, c = rand(r, out_f, seed=2), rand(r, in_f, seed=3)
+    x = rand(5, in_f, seed=4)
+    target = TargetInfo("m.proj", in_f, out_f, "linear", False)
+    bank = HadamardBank(3, target, Limits(max_rank=4), torch.float32, torch.device("cpu"),
+                        base_layer=packed)
+    assert bank.w0_packed is packed.packed
+    bank.write(1, SlotData({"a": a, "c": c}))
+    bank.write(0, SlotData({"a": a[:2], "c": c[:2]}))
+    slots = torch.tensor([1, 0, -1, 1, 0])
+    want = torch.zeros(5, out_f, dtype=torch.float64)
+    for i, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            k = r if slot == 1 else 2
+            want[i] = x[i].double() @ dense_delta(w0.double(), a[:k].double(),
+                                                  c[:k].double()).t()
+    h = torch.zeros(5, out_f)
+    for got in (bank.apply_tokens(Routing(slots, 3, 1 << 30), [0, 1], h, x, w0),
+                bank.apply(h.clone(), x, w0, Routing(slots, 3, 0))):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_pool_hands_each_bank_its_base_layer() -> None:
+    model = tiny_model("llama")
+    kernels.pack_linears(model)
+    pool = SlotPool(model, PoolConfig(num_slots=2, max_rank=4, methods=["hut"]))
+    for layer in pool.layers.values():
+        assert layer.packed is not None
+        assert layer.by_kind["hadamard"].base_layer is layer.base
 
 
 def dense_delta(w0: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Literal
 
 import torch
+from torch import nn
 
 from tessera.adapters.errors import PoolError
 from tessera.adapters.method import Limits, SlotData
@@ -37,11 +38,14 @@ class Bank(ABC):
 
     def __init__(self, num_slots: int, target: TargetInfo, limits: Limits,
                  dtype: torch.dtype, device: torch.device, *,
-                 dense_slots: int | None = None) -> None:
+                 dense_slots: int | None = None, base_layer: nn.Module | None = None) -> None:
         """``dense_slots``: how many slots may keep a dense ``[out, in]`` weight derived
         from their rows, for banks that derive one (HUT's, :mod:`.hadamard`); None = all
-        (the pool passes ``PoolConfig.dense_slots``)."""
+        (the pool passes ``PoolConfig.dense_slots``). ``base_layer``: the wrapped layer
+        (shared, not owned), for banks that multiply by W0 on the kernel it runs
+        (:func:`tessera.adapters.kernels.packed_of`); None = plain ``F.linear``."""
         self.num_slots = num_slots
+        self.base_layer = base_layer
         self.dense_slots = num_slots if dense_slots is None else min(dense_slots, num_slots)
         self.target = target
         self.t: dict[str, torch.Tensor] = {
