@@ -27,11 +27,12 @@ mode's stacked form expands each token to its own slot's rank (``T = sum_i r_i``
 padding to the largest active rank). Fit: ``python -m bench.decode_step --hut-forms
 --reps 12`` (HUT ranks 2-5 on q, v, down; hidden 1024, 4 layers, batch 32, fp32 oneDNN,
 2-core AMD EPYC, 2026-12-01; decode step vs the base step, timed alternately), slots of
-32 / 8 / 4 / 2 / 1 tokens each: stacked 2.50 / 2.51 / 2.39 / 2.44 / 2.37x, dense 1.33 /
-1.68 / 2.14 / 3.57 / 5.20x. At 4 tokens per slot the 4-layer step favours ``D`` slightly,
-but the engine on the 8-layer model of ``bench.engine_throughput`` (8 HUT adapters over 32
-rows: 4 each) measured the opposite, run back to back: 127 tok/s with the threshold
-at 8, 102 at 4 (every slot's ``D`` read at every step: memory-bound). Hence 8. On a GPU,
+32 / 8 / 4 / 2 / 1 tokens each, with the stacked GEMM on oneDNN's packed W0: stacked 2.07 /
+2.08 / 2.04 / 2.08 / 2.05x, dense 1.30 / 1.77 / 2.22 / 3.41 / 5.10x (the stacked GEMM on
+MKL's ``x @ W0^T`` before: stacked 2.50 / 2.51 / 2.39 / 2.44 / 2.37x, dense 1.33 / 1.68 /
+2.14 / 3.57 / 5.20x, when the 4-layer step favoured ``D`` slightly at 4 tokens while the
+engine on the 8-layer model of ``bench.engine_throughput``, 8 HUT adapters over 32 rows,
+measured the opposite: 127 tok/s with the threshold at 8, 102 at 4). Hence 8. On a GPU,
 where decode is memory-bound throughout, the balance differs: not measured (no GPU lent).
 Empty rows (``a = c = 0``) add exactly zero; ``slot_rank`` skips them.
 """
