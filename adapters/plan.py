@@ -93,6 +93,13 @@ class Routing:
         self._membership: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._segments: dict[tuple[int, ...], Segments] = {}
 
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """Each token's row of ``rows`` ``[S + 1, ...]`` (a bank tensor or a view of one):
+        ``[N, ...]``, the null row for base-only tokens. ``index_select``, not advanced
+        indexing: on the CPU ``rows[index]`` is ~5x slower (52 vs 10 us for 32 rows of
+        2,816)."""
+        return rows.index_select(0, self.index)
+
     def views(self, slot: int) -> list[tuple[int, int]] | None:
         """The runs ``[start, stop)`` of ``slot``'s tokens where segment mode should read
         them as views of the batch: one run, or at most ``MAX_SPANS`` runs of

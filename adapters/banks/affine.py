@@ -36,6 +36,6 @@ class AffineBank(Bank):
 
     def apply_tokens(self, routing: Routing, active: list[int], h: torch.Tensor,
                      x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        gamma = self.t["gamma"][routing.index]  # [N, in]
-        beta = self.t["beta"][routing.index]  # [N, in]
+        gamma = routing.take(self.t["gamma"])  # [N, in]
+        beta = routing.take(self.t["beta"])  # [N, in]
         return torch.addcmul(beta, h, gamma)  # [N, in]

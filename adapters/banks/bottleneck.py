@@ -84,25 +84,25 @@ class BottleneckBank(StackedBank):
                      x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Stacked: every token against every active slot's ``D`` in one GEMM
         ``[N, U k]``, the activation, each token's own block kept, one GEMM with the
-        stacked ``U^T``; biases and LayerNorm affines picked per token by ``index_select``
-        (``[N, out]``). Base-only tokens keep no block: ``z = 0``, ``LN(0) = 0``."""
+        stacked ``U^T``; biases and LayerNorm affines picked per token
+        (:meth:`Routing.take`, ``[N, out]``). Base-only tokens keep no block: ``z = 0``,
+        ``LN(0) = 0``."""
         meta = self.slot_meta[active[0]]  # can_gather: every active slot agrees
         stack = self.stack(active)  # D [U, k, out], U^T [U, k, out]
         u, k = stack.a.shape[0], stack.a.shape[1]
         slots, onehot = routing.membership(active)  # [U], [N, U]
-        idx = routing.index  # [N], null row for base-only tokens
         t = self.t
         down_bias = t["down_bias"][:, :k].index_select(0, slots)  # [U, k]
         hidden = torch.addmm(down_bias.view(-1), h, stack.a.view(u * k, -1).t())  # [N, U k]
         hidden = activation(meta["activation"])(hidden).view(-1, u, k)
         # masked_fill, not a multiply: another slot's overflow (inf * 0) must not leak
         hidden = hidden.masked_fill(~onehot.unsqueeze(-1), 0.0)  # [N, U, k]
-        z = torch.addmm(t["up_bias"].index_select(0, idx), hidden.view(-1, u * k),
+        z = torch.addmm(routing.take(t["up_bias"]), hidden.view(-1, u * k),
                         stack.bt.view(u * k, -1))  # [N, out]
         if meta["layer_norm"]:
             z = F.layer_norm(z, (z.shape[-1],), eps=meta["eps"])  # [N, out]
-            z = torch.addcmul(t["ln_bias"].index_select(0, idx), z,
-                              t["ln_weight"].index_select(0, idx))  # per-token affine
+            z = torch.addcmul(routing.take(t["ln_bias"]), z,
+                              routing.take(t["ln_weight"]))  # per-token affine
         return h + z  # [N, out]
 
     def gather_elements(self, routing: Routing, active: list[int]) -> int:

@@ -206,7 +206,7 @@ class HadamardBank(Bank):
         r_max = self.t["a"].shape[1]
         rank_of = torch.zeros(self.num_slots + 1, dtype=torch.long, device=device)  # [S+1]
         rank_of[torch.tensor(active, device=device)] = torch.tensor(ranks, device=device)
-        per_token = rank_of.index_select(0, routing.index)  # [N]: 0 for other slots' tokens
+        per_token = routing.take(rank_of)  # [N]: 0 for other slots' tokens
         token = torch.repeat_interleave(torch.arange(x.shape[0], device=device), per_token,
                                         output_size=total)  # [T] token of each term row
         first = torch.cumsum(per_token, 0) - per_token  # [N] first row of each token

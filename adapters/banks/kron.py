@@ -111,7 +111,6 @@ class KronBank(Bank):
         r = self.max_rank(active)
         if r == 0:
             return h
-        # index_select, not advanced indexing: on CPU ``t[index, :r]`` is ~5x slower
-        a = self.t["A"][:, :r].index_select(0, routing.index)  # [N, r, m, n]
-        b = self.t["B"][:, :r].index_select(0, routing.index)  # [N, r, p, q]
+        a = routing.take(self.t["A"][:, :r])  # [N, r, m, n]
+        b = routing.take(self.t["B"][:, :r])  # [N, r, p, q]
         return h + _kron_apply(x, a, b)  # [N, out]

@@ -25,4 +25,4 @@ class RowScaleBank(Bank):
 
     def apply_tokens(self, routing: Routing, active: list[int], h: torch.Tensor,
                      x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return h * self.t["g"][routing.index]  # [N, out]
+        return h * routing.take(self.t["g"])  # [N, out]
