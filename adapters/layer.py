@@ -67,7 +67,7 @@ class AdapterLayer(nn.Module):
             yc = self._after_base(banks, yc, xc, weight, sub, bias if late_bias else None)
             if late_bias and bias is not None:
                 y = y + bias  # the hot tokens' bias (the others' are in yc)
-            y = y.index_copy(0, cold, yc)  # [N, out]
+            y.index_copy_(0, cold, yc)  # [N, out], in place: y is this layer's own
         elif late_bias and bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], self.target.out_features)
