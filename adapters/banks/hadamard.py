@@ -69,8 +69,8 @@ def _stacked(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
     ``c: [N or 1, r, in]`` -> ``[N, out]``."""
     n, r = x.shape[0], a.shape[1]
     scaled = x.unsqueeze(1) * c  # [N, r, in]: r scaled copies per token
-    z = kernels.linear(scaled.reshape(n * r, -1), weight, packed, None)  # [N * r, out]: one
-    # GEMM against W0, on the kernel the base layer runs
+    # one GEMM against W0, on the kernel the base layer runs
+    z = kernels.linear(scaled.reshape(n * r, -1), weight, packed, None)  # [N * r, out]
     return (z.reshape(n, r, -1) * a).sum(dim=1)  # [N, out]
 
 
