@@ -91,20 +91,23 @@ class KronBank(Bank):
         return {"A": (limits.max_rank, f.m, f.n),  # [r_max, m, n]
                 "B": (limits.max_rank, f.p, f.q)}  # [r_max, p, q]
 
-    def apply_slot(self, slot: int, h: torch.Tensor, x: torch.Tensor,
-                   weight: torch.Tensor) -> torch.Tensor:
+    def delta(self, slot: int, x: torch.Tensor) -> torch.Tensor | None:
+        """``sum_j (A_j ⊗ B_j) x`` of one slot's terms ``[n, out]``; None when it has none."""
         r = self.slot_rank[slot]
         if r == 0:
-            return h
-        a = self.t["A"][slot, :r]  # [r, m, n]
-        b = self.t["B"][slot, :r]  # [r, p, q]
-        return h + _kron_apply(x, a, b)  # [n, out]
+            return None
+        return _kron_apply(x, self.t["A"][slot, :r], self.t["B"][slot, :r])  # [n, out]
+
+    def apply_slot(self, slot: int, h: torch.Tensor, x: torch.Tensor,
+                   weight: torch.Tensor) -> torch.Tensor:
+        delta = self.delta(slot, x)  # [n, out]
+        return h if delta is None else h + delta
 
     def apply_span(self, slot: int, h: torch.Tensor, x: torch.Tensor,
                    weight: torch.Tensor) -> None:
-        r = self.slot_rank[slot]
-        if r:
-            h.add_(_kron_apply(x, self.t["A"][slot, :r], self.t["B"][slot, :r]))  # [n, out]
+        delta = self.delta(slot, x)  # [n, out]
+        if delta is not None:
+            h.add_(delta)  # in place: h is a view of the forward's running value
 
     def apply_tokens(self, routing: Routing, active: list[int], h: torch.Tensor,
                      x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
