@@ -30,6 +30,10 @@ tokens each (``ignore_eos``), all submitted at once. Systems:
   with its own thread choice (on 2 cores it keeps one for its engine-core process and
   serves on one), or once per ``--vllm-threads N ...`` (OMP_NUM_THREADS; 0 = its own).
 
+``--device cuda --dtype bfloat16`` runs the engine and the transformers/PEFT peers on a GPU
+(without the packed-linears copy and vLLM's CPU build, both CPU-only);
+``scripts/device-check`` runs it on a 1B-class model (``--hidden 2048 --layers 16``).
+
 Before the timed runs, one untimed round of ``tessera base`` and of ``transformers
 generate`` (the first runs pay one-time costs; vLLM's peer warms up the same way).
 Output tokens/s is ``requests x new / wall time`` (submission to the last token); TTFT p50
@@ -166,12 +170,13 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
         methods = {"lora"} | {c.method for group in by_method.values() for a in group
                               for c in a.components}
         settings = HermeticSettings(
-            model=tmp, device="cpu", dtype="float32", num_slots=max(most, 1),
+            model=tmp, device=args.device, dtype=args.dtype, num_slots=max(most, 1),
             max_rank=16, max_batch_rows=args.requests, max_queue=4 * args.requests,
             context_limit=args.prompt + args.new + 8, hot_merge=False,
             methods=sorted(methods), max_tokens_limit=args.new, default_max_tokens=args.new)
         engine = Engine(settings)
         await engine.start()
+        model.to(device=args.device, dtype=getattr(torch, args.dtype))  # the peers' copy
         first = args.adapters[0]
         work = prompts(args)
         systems: dict[str, Callable[[], Awaitable[dict[str, float]]]] = {
@@ -193,14 +198,16 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
                 engine, args, adapters[:1])
         systems["transformers generate"] = lambda: asyncio.to_thread(
             peers.generate, model, work, args.new)
-        if args.peers:
+        if args.peers and args.device == "cpu":
             packed = copy.deepcopy(model)  # what the kernel alone buys: generate on it
             kernels.pack_linears(packed)
             systems["transformers generate, packed linears"] = lambda: asyncio.to_thread(
                 peers.generate, packed, work, args.new)
+        if args.peers:
             systems["transformers generate_batch"] = lambda: asyncio.to_thread(
                 peers.generate_batch, model, work, args.new)
-            peft = peers.peft_model(Path(tmp), adapters[:first], ALL_LINEAR, 16, 32.0)
+            peft = peers.peft_model(Path(tmp), adapters[:first], ALL_LINEAR, 16, 32.0,
+                                    like=model)
             names = [f"a{round_robin(i, first)}" for i in range(args.requests)]
             systems[f"PEFT adapter_names {first} LoRA"] = lambda: asyncio.to_thread(
                 peers.generate, peft, work, args.new, names)
@@ -237,6 +244,13 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def where(args: argparse.Namespace) -> str:
+    """The machine the systems ran on, for the table and the JSON."""
+    if args.device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{args.threads} CPU threads, {platform.processor() or platform.machine()}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=32)
@@ -253,6 +267,9 @@ def main() -> None:
                              "(the default; on 2 cores it serves on 1 thread)")
     parser.add_argument("--no-peers", dest="peers", action="store_false",
                         help="skip generate_batch and PEFT (generate always runs)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the engine and the transformers/PEFT peers run")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)
@@ -262,14 +279,16 @@ def main() -> None:
     parser.add_argument("--plot", default="docs/img/engine_throughput.png",
                         help="PNG of the table ('' = none; needs matplotlib)")
     args = parser.parse_args()
+    if args.vllm and args.device != "cpu":
+        parser.error("--vllm runs vLLM's CPU build: only with --device cpu")
     if args.plot:
         plot.check()  # before the long run, not after it
     rows = asyncio.run(main_async(args))
     base = rows[0]["tok_s"]
     generate = next(r["tok_s"] for r in rows if r["system"] == "transformers generate")
     print(f"\n{args.requests} requests x ({args.prompt} prompt + {args.new} new), Llama "
-          f"hidden {args.hidden} x {args.layers}, vocab {args.vocab}, fp32, "
-          f"{args.threads} threads, {platform.processor() or platform.machine()}, "
+          f"hidden {args.hidden} x {args.layers}, vocab {args.vocab}, {args.dtype}, "
+          f"{where(args)}, "
           f"median of {args.reps}")
     print(f"{'system':<36}{'tok/s':>9}{'vs base':>9}{'vs generate':>13}{'TTFT p50':>10}")
     for row in rows:
@@ -279,11 +298,11 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "machine": platform.platform(),
-                               "torch": torch.__version__,
+                               "torch": torch.__version__, "where": where(args),
                                "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
     if args.plot:
         plot.bars(Path(args.plot), f"{args.requests} x ({args.prompt} + {args.new}) tokens, "
-                  f"Llama {args.hidden} x {args.layers}, fp32, {args.threads} CPU threads",
+                  f"Llama {args.hidden} x {args.layers}, {args.dtype}, {where(args)}",
                   [r["system"] for r in rows], [r["tok_s"] for r in rows], "output tokens/s")
 
 

@@ -26,6 +26,8 @@ def _timed(run: Callable[[], int], tokens: int) -> dict[str, float]:
     start = time.perf_counter()
     with torch.no_grad():
         produced = run()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # the last kernels are in the wall time
     wall = time.perf_counter() - start
     assert produced == tokens, (produced, tokens)
     return {"tok_s": produced / wall, "wall_s": wall}
@@ -35,7 +37,7 @@ def generate(model: LlamaForCausalLM, prompts: list[list[int]], new: int,
              adapter_names: list[str] | None = None) -> dict[str, float]:
     """``model.generate`` on one batch of equal-length prompts (no padding), exactly
     ``new`` tokens each; with ``adapter_names`` (a PEFT model) one adapter per row."""
-    ids = torch.tensor(prompts)  # [R, P]
+    ids = torch.tensor(prompts, device=model.device)  # [R, P]
     extra = {} if adapter_names is None else {"adapter_names": adapter_names}
 
     def run() -> int:
@@ -62,10 +64,14 @@ def generate_batch(model: LlamaForCausalLM, prompts: list[list[int]], new: int
 
 
 def peft_model(path: Path, adapters: list[Adapter], targets: list[str], rank: int,
-               alpha: float) -> PeftModel:
-    """A fresh copy of the base (from ``path``) with every LoRA adapter loaded into PEFT
-    under the names ``a0``, ``a1``, ... (tessera's factors copied into PEFT's layers)."""
+               alpha: float, like: torch.nn.Module | None = None) -> PeftModel:
+    """A fresh copy of the base (from ``path``; on ``like``'s device and in its dtype) with
+    every LoRA adapter loaded into PEFT under the names ``a0``, ``a1``, ... (tessera's
+    factors copied into PEFT's layers)."""
     base = LlamaForCausalLM.from_pretrained(path).eval()
+    if like is not None:
+        weight = next(like.parameters())
+        base.to(device=weight.device, dtype=weight.dtype)
     config = PeftLoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
     model = get_peft_model(base, config, adapter_name="a0")
     for i in range(1, len(adapters)):

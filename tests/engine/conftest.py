@@ -3,6 +3,7 @@ it, random adapters of every method, the reference greedy path, and started engi
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from tessera.engine.sampling import SamplingParams
 from tests.factories import FACTORIES
 from tests.live import HermeticSettings
 
+# Where the engines under test run (the references always run on the CPU in fp32: tokens
+# are compared as lists). scripts/device-check sets "cuda" on a lent GPU machine.
+DEVICE = os.environ.get("TESSERA_TEST_DEVICE", "cpu")
 METHODS = ("lora", "dora", "hra", "hut", "soka", "bottleneck", "hyperloader")
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 # Different lengths, so rows of one batch are padded differently; multi-byte UTF-8 too.
@@ -116,11 +120,11 @@ EngineFactory = Callable[..., Awaitable[Engine]]
 
 @pytest.fixture
 async def make_engine(builtin_dir: Path) -> AsyncIterator[EngineFactory]:
-    """Started engines on the built-in model (CPU, fp32); stopped at teardown."""
+    """Started engines on the built-in model (on ``DEVICE``, fp32); stopped at teardown."""
     started: list[Engine] = []
 
     async def make(**overrides: Any) -> Engine:
-        values: dict[str, Any] = {"builtin_dir": builtin_dir, "device": "cpu",
+        values: dict[str, Any] = {"builtin_dir": builtin_dir, "device": DEVICE,
                                   "dtype": "float32", "num_slots": 8, "max_rank": 8,
                                   "max_bottleneck_dim": 16, **overrides}
         engine = Engine(HermeticSettings(**values))

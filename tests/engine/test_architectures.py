@@ -23,6 +23,7 @@ from transformers import (
 from tessera.adapters import Adapter, Component, reference_model
 from tessera.adapters.methods.lora import LoraConfig
 from tessera.engine import AdapterSpec, Engine, GenerationRequest, SamplingParams
+from tests.engine.conftest import DEVICE
 from tests.factories.lora import lora_modules
 from tests.live import HermeticSettings
 
@@ -64,7 +65,7 @@ async def test_every_architecture_matches_a_plain_greedy_loop(
                 ids.append(int(logits[0, -1].argmax()))
         return ids
 
-    engine = Engine(HermeticSettings(model=str(tmp_path), device="cpu", dtype="float32",
+    engine = Engine(HermeticSettings(model=str(tmp_path), device=DEVICE, dtype="float32",
                                      num_slots=2, max_rank=8, hot_merge=False))
     await engine.start()
     try:
