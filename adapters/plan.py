@@ -34,6 +34,10 @@ class Segments:
     src: torch.Tensor  # [U L] token each padded row reads (padding repeats a group's token)
     rows: torch.Tensor  # [M] padded row of each token of ``tokens`` (of token i if None)
     tokens: torch.Tensor | None  # [M] tokens that use an active slot; None = all N, in order
+    # ``(start, stop)`` where the padded layout IS tokens [start, stop) of the batch (each
+    # active slot one run of L tokens, runs consecutive in ``active`` order: a decode step
+    # whose rows share the slots evenly): the forms read and write it as views, no gather
+    block: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,7 @@ class Routing:
         if not all(counts):
             raise ValueError(f"active slots {active} include one no token of the batch uses")
         routed = sum(counts)  # M
+        block = self._block(active, length)
         starts = torch.tensor([0, *accumulate(counts[:-1])], dtype=torch.long,
                               device=device)  # [U] first sorted position of each group
         slots, _ = self.membership(active)  # [U]
@@ -178,11 +183,25 @@ class Routing:
         if routed == self.num_tokens:  # every token routed: address rows in token order
             by_token = torch.empty_like(rows)  # [N]
             by_token[tokens] = rows
-            found = Segments(length, src, by_token, None)
+            found = Segments(length, src, by_token, None, block)
         else:
-            found = Segments(length, src, rows, tokens)
+            found = Segments(length, src, rows, tokens, block)
         self._segments[key] = found
         return found
+
+
+    def _block(self, active: list[int], length: int) -> tuple[int, int] | None:
+        """The tokens ``[start, stop)`` the padded layout of ``active`` is, if it is one
+        (host-side, from the runs)."""
+        first = self.spans[active[0]]
+        start = first[0][0] if len(first) == 1 else -1
+        stop = start
+        for slot in active:
+            spans = self.spans[slot]
+            if len(spans) != 1 or spans[0] != (stop, stop + length):
+                return None
+            stop += length
+        return start, stop
 
 
 class SlotPlan:

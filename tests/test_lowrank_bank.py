@@ -151,6 +151,34 @@ def test_segment_mode_views_and_gathers_equal_the_loop(ids: list[int]) -> None:
     torch.testing.assert_close(got, plain_loop(factors, ids, h, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("ids", "block"), [
+    ([0, 0, 1, 1, 2, 2], (0, 6)),  # a decode step's rows shared evenly: the whole batch
+    ([0, 1, 2], (0, 3)),  # one row per slot
+    ([-1, -1, 0, 0, 0, 2, 2, 2, -1], (2, 8)),  # base rows around the block
+    ([0, 0, 1, 1, 1], None),  # uneven: padded
+    ([1, 1, 0, 0], None),  # runs not in slot order
+    ([0, 0, -1, 1, 1], None),  # a gap
+    ([0, 1, 1, 0], None),  # slot 0 in two runs
+])
+def test_segment_form_reads_an_even_block_as_views(ids: list[int],
+                                                  block: tuple[int, int] | None) -> None:
+    """Where the padded layout of the segment form is a block of the batch (each active
+    slot one run of the same length, in slot order), the form reads and writes views; the
+    result equals the loop either way."""
+    routing = routing_of(ids, 3)
+    gen = torch.Generator().manual_seed(len(ids))
+    bank = new_bank(3)
+    factors: Factors = {}
+    for slot, rank in enumerate((4, 2, 3)):
+        write(bank, factors, slot, rank, gen)
+    active = bank.active(routing)
+    assert routing.segments(active).block == block
+    x = torch.randn(len(ids), TARGET.in_features, generator=gen)  # [N, in]
+    h = torch.randn(len(ids), TARGET.out_features, generator=gen)  # [N, out]
+    got = bank.apply_segment(routing, active, h.clone(), x)
+    torch.testing.assert_close(got, plain_loop(factors, ids, h, x), rtol=1e-5, atol=1e-5)
+
+
 Op = tuple[str, int, int]  # ("write", slot, rank) | ("evict", slot, 0) | ("forward", 0, 0)
 
 

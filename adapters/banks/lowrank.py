@@ -10,8 +10,12 @@ them, ``L`` = the most tokens any one of them has) has three forms:
   adapter: ``N U r (in + out)`` MACs.
 - *segment* (SGMV-like): tokens grouped by slot and padded to ``[U, L, in]``, two ``bmm``
   with one adapter per batch entry: ``U L r (in + out)`` MACs (``= N r (in + out)`` when
-  the slots share the batch evenly), plus a gather of ``X`` and a select of ``Y``. (The
-  bank's segment *mode*, ``gather_budget`` exceeded, loops over slots in Python instead.)
+  the slots share the batch evenly), plus a gather of ``X`` and a select of ``Y``. Where
+  the padded layout is a block of the batch (each active slot one run of ``L`` tokens, in
+  slot order: the engine's decode step with rows shared evenly), it reads ``X`` and writes
+  ``h + Y`` as views instead (``baddbmm``): 97-182 vs 110-205 us per module for 8 x 4 and
+  32 x 1 tokens of hidden 1024 projections, best of 200, 2 threads. (The bank's segment
+  *mode*, ``gather_budget`` exceeded, loops over slots in Python instead.)
 - *per-token* (BGMV-like): gather each token's ``A``, ``B`` (``N r (in + out)`` elements
   copied) and run two ``bmm`` of matrix-vector products. Needs no stacked factors.
 
@@ -140,6 +144,15 @@ class LowRankBank(StackedBank):
         stack = self.stack(active, cached)
         seg = routing.segments(active)
         u = len(active)
+        if seg.block is not None:  # the padded layout is tokens [start, stop): views
+            start, stop = seg.block
+            low = torch.bmm(x[start:stop].reshape(u, seg.length, -1),  # [U, L, r]
+                            stack.a.transpose(1, 2))
+            y = torch.baddbmm(h[start:stop].reshape(u, seg.length, -1), low,
+                              stack.bt).view(stop - start, -1)  # [U L, out]: h + delta
+            if stop - start == routing.num_tokens:
+                return y  # [N, out]
+            return torch.cat([h[:start], y, h[stop:]])  # [N, out]
         xp = x.index_select(0, seg.src).view(u, seg.length, -1)  # [U, L, in]
         low = torch.bmm(xp, stack.a.transpose(1, 2))  # [U, L, r]
         yp = torch.bmm(low, stack.bt).view(u * seg.length, -1)  # [U L, out]
