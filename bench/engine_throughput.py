@@ -34,6 +34,10 @@ tokens each (``ignore_eos``), all submitted at once. Systems:
 (without the packed-linears copy and vLLM's CPU build, both CPU-only);
 ``scripts/device-check`` runs it on a 1B-class model (``--hidden 2048 --layers 16``).
 
+Repetitions run the systems in turn, every other one in reverse order (ABBA), so that
+neither a drifting machine nor a system's place in the round favours a system (in one
+check, the hot-tenant rows through slots ran 7% slower right after the 32-adapter row than
+one place later).
 Before the timed runs, one untimed round of ``tessera base`` and of ``transformers
 generate`` (the first runs pay one-time costs; vLLM's peer warms up the same way).
 Output tokens/s is ``requests x new / wall time`` (submission to the last token); TTFT p50
@@ -218,9 +222,13 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
             # shape, allocator growth) that later systems would not; vLLM warms up too
             for name in ("tessera base", "transformers generate"):
                 await systems[name]()
-            for _ in range(args.reps):  # interleaved: drift hits every system alike
-                for name, run in systems.items():
-                    results[name].append(await run())
+            # interleaved, every other repetition in reverse order (ABBA): a drift of the
+            # machine and a system's place in the round (after which other run it comes)
+            # hit every system alike
+            for rep in range(args.reps):
+                names = list(systems) if rep % 2 == 0 else list(reversed(systems))
+                for name in names:
+                    results[name].append(await systems[name]())
                     print(f"  {name}: {results[name][-1]['tok_s']:.1f} tok/s", flush=True)
         finally:
             await engine.stop(drain_timeout=5)
