@@ -226,8 +226,8 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
             # machine and a system's place in the round (after which other run it comes)
             # hit every system alike
             for rep in range(args.reps):
-                names = list(systems) if rep % 2 == 0 else list(reversed(systems))
-                for name in names:
+                order = list(systems) if rep % 2 == 0 else list(reversed(systems))
+                for name in order:
                     results[name].append(await systems[name]())
                     print(f"  {name}: {results[name][-1]['tok_s']:.1f} tok/s", flush=True)
         finally:
