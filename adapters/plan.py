@@ -189,7 +189,6 @@ class Routing:
         self._segments[key] = found
         return found
 
-
     def _block(self, active: list[int], length: int) -> tuple[int, int] | None:
         """The tokens ``[start, stop)`` the padded layout of ``active`` is, if it is one
         (host-side, from the runs)."""
