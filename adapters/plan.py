@@ -3,9 +3,15 @@
 HF modules pass nothing extra down to their projections, so the routing reaches the
 layers through :class:`StepMeta`: one object per slot pool, held by every wrapped layer
 (vLLM's punica-wrapper pattern), written once per step before the forward and cleared
-after it. The slot ids sit in a device buffer the pool preallocates and reuses, and the
-step's one host synchronisation (the distinct slots and their token counts) happens when
-the step begins, not inside the forward.
+after it. The slot ids sit in a device buffer the pool preallocates and reuses.
+
+The host never reads the device: the caller hands the slot ids in on the host (the engine
+knows them there), every host-side decision (distinct slots, token counts, runs) is taken
+from that host copy, and every index tensor the banks use is built on the host and copied
+to the device asynchronously (:func:`upload`). No step waits on the device: on a GPU the
+forward's kernels queue without a stall (the precondition of capturing a step in a CUDA
+graph). ``tests/test_no_host_sync.py`` checks it by routing a mixed batch of every method
+on the ``meta`` device, where any read of a device value raises.
 """
 
 from __future__ import annotations
@@ -22,6 +28,12 @@ from tessera.adapters.errors import PoolError
 # one run, or in at most MAX_SPANS runs of MIN_RUN tokens on average (Routing.views).
 MAX_SPANS = 4
 MIN_RUN = 8
+
+
+def upload(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: itself on the CPU, elsewhere an asynchronous copy (the
+    host does not wait for the device's queued work)."""
+    return values if values.device == device else values.to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -58,21 +70,26 @@ class HotDelta:
 
 
 class Routing:
-    """Routing of ``N`` flattened tokens. ``index`` maps base-only tokens (-1) to the
+    """Routing of ``N`` flattened tokens. ``host``: each token's slot on the CPU (-1 = base
+    only; hot tokens are -1 too), from which every host-side decision is taken; ``slots``:
+    the same on ``device`` (uploaded when not given). ``index`` maps base-only tokens to the
     permanently empty *null* row ``num_slots`` of every bank, so gathers need no mask.
-    ``hot``: which tokens belong to the installed hot merge (None: none of them)."""
+    ``hot``: which tokens belong to the installed hot merge, on the host (None: none)."""
 
-    def __init__(self, slots: torch.Tensor, num_slots: int, gather_budget: int,
+    def __init__(self, host: torch.Tensor, num_slots: int, gather_budget: int, *,
+                 device: torch.device | None = None, slots: torch.Tensor | None = None,
                  hot: torch.Tensor | None = None, all_hot: bool = False) -> None:
-        self.slots = slots  # [N] long, -1 = base only (hot tokens are -1 here too)
-        self.hot = hot  # [N] bool, or None when no token is hot
+        self.device = host.device if device is None else device
+        self.host = host  # [N] long, on the CPU
+        self.slots = upload(host, self.device) if slots is None else slots  # [N] on device
+        self.hot = hot  # [N] bool on the host, or None when no token is hot
         self.all_hot = all_hot  # every token is hot: no correction term at all
-        self.num_tokens = int(slots.shape[0])
-        self.index = torch.where(slots < 0, torch.full_like(slots, num_slots), slots)  # [N]
-        # One host sync per forward (not per layer): the runs of equal slot ids in token
-        # order. From them: the distinct slots, how many tokens use each (the banks size
-        # their segment forms with it) and where those tokens lie (``spans``).
-        values, lengths = torch.unique_consecutive(slots, return_counts=True)  # [R], [R]
+        self.num_tokens = int(host.shape[0])
+        self.index = torch.where(self.slots < 0, num_slots, self.slots)  # [N] on device
+        # From the host copy: the runs of equal slot ids in token order, and from them the
+        # distinct slots, how many tokens use each (the banks size their forms with it) and
+        # where those tokens lie (``spans``).
+        values, lengths = torch.unique_consecutive(host, return_counts=True)  # [R], [R]
         pairs: list[list[int]] = torch.stack([values, lengths]).tolist()
         self.counts: dict[int, int] = {}
         self.spans: dict[int, list[tuple[int, int]]] = {}  # slot -> its runs [start, stop)
@@ -90,12 +107,29 @@ class Routing:
         # so the banks and the correction run on them alone (the hot tokens need neither).
         self.cold: tuple[torch.Tensor, Routing] | None = None
         if hot is not None and not all_hot:
-            cold = torch.nonzero(~hot).flatten()  # [C]: the forward's second host sync
-            self.cold = (cold, Routing(slots.index_select(0, cold), num_slots, gather_budget))
+            self.cold = self._tokens(torch.nonzero(~hot).flatten())  # [C]
         self._rows: dict[int, torch.Tensor] = {}
+        self._ids: dict[tuple[int, ...], torch.Tensor] = {}
         self._subsets: dict[tuple[int, ...], tuple[torch.Tensor, Routing]] = {}
         self._membership: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._segments: dict[tuple[int, ...], Segments] = {}
+
+    def _tokens(self, picked: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """Tokens ``picked`` (host ``[M]``) on the device and their own routing."""
+        rows = upload(picked, self.device)  # [M]
+        return rows, Routing(self.host.index_select(0, picked), self.num_slots,
+                             self.gather_budget, device=self.device,
+                             slots=self.slots.index_select(0, rows))
+
+    def ids(self, values: list[int]) -> torch.Tensor:
+        """``values`` as a long tensor ``[len]`` on the device (cached: the layers of a
+        forward share lists of active slots)."""
+        key = tuple(values)
+        found = self._ids.get(key)
+        if found is None:
+            found = upload(torch.tensor(values, dtype=torch.long), self.device)
+            self._ids[key] = found
+        return found
 
     def take(self, rows: torch.Tensor) -> torch.Tensor:
         """Each token's row of ``rows`` ``[S + 1, ...]`` (a bank tensor or a view of one):
@@ -120,20 +154,18 @@ class Routing:
         """Token positions ``[n_s]`` that use ``slot`` (cached for all layers)."""
         found = self._rows.get(slot)
         if found is None:
-            found = torch.nonzero(self.slots == slot).flatten()
+            found = upload(torch.nonzero(self.host == slot).flatten(), self.device)
             self._rows[slot] = found
         return found
 
     def subset(self, slots: list[int]) -> tuple[torch.Tensor, Routing]:
         """The tokens ``[M]`` that use one of ``slots`` and their own routing (cached: the
-        banks of a forward share it; one host sync the first time)."""
+        banks of a forward share it)."""
         key = tuple(slots)
         found = self._subsets.get(key)
         if found is None:
-            ids = torch.tensor(slots, dtype=torch.long, device=self.slots.device)  # [S]
-            rows = torch.nonzero(torch.isin(self.slots, ids)).flatten()  # [M]
-            found = (rows, Routing(self.slots.index_select(0, rows), self.num_slots,
-                                   self.gather_budget))
+            ids = torch.tensor(slots, dtype=torch.long)  # [S] host
+            found = self._tokens(torch.nonzero(torch.isin(self.host, ids)).flatten())
             self._subsets[key] = found
         return found
 
@@ -143,39 +175,36 @@ class Routing:
         key = tuple(active)
         found = self._membership.get(key)
         if found is None:
-            slots = torch.tensor(active, dtype=torch.long, device=self.slots.device)
+            slots = self.ids(active)  # [U]
             found = (slots, (self.slots.unsqueeze(1) == slots.unsqueeze(0)))  # [U], [N, U]
             self._membership[key] = found
         return found
 
     def segment_length(self, active: list[int]) -> int:
-        """``L``: the most tokens any of ``active`` has in this batch (host-side, no sync)."""
+        """``L``: the most tokens any of ``active`` has in this batch (host-side)."""
         return max((self.counts.get(s, 0) for s in active), default=0)
 
     def segments(self, active: list[int]) -> Segments:
         """:class:`Segments` for a list of active slots (cached: the banks of a batch share
-        lists). Built on the device from the host-side counts: no host sync."""
+        lists). Built on the host, its index tensors uploaded."""
         key = tuple(active)
         found = self._segments.get(key)
         if found is not None:
             return found
         u, length = len(active), self.segment_length(active)
-        device = self.slots.device
-        counts = [self.counts.get(s, 0) for s in active]  # host: tokens of each active slot
+        counts = [self.counts.get(s, 0) for s in active]  # tokens of each active slot
         if not all(counts):
             raise ValueError(f"active slots {active} include one no token of the batch uses")
         routed = sum(counts)  # M
         block = self._block(active, length)
-        starts = torch.tensor([0, *accumulate(counts[:-1])], dtype=torch.long,
-                              device=device)  # [U] first sorted position of each group
-        slots, _ = self.membership(active)  # [U]
-        lut = torch.full((self.num_slots + 1,), u, dtype=torch.long, device=device)
-        lut[slots] = torch.arange(u, device=device)  # slot -> its position in ``active``
-        group = lut[self.index]  # [N] position of each token's slot; U = not routed here
+        starts = torch.tensor([0, *accumulate(counts[:-1])])  # [U] first sorted position
+        lut = torch.full((self.num_slots + 1,), u, dtype=torch.long)  # slot -> its place
+        lut[torch.tensor(active)] = torch.arange(u)  # in ``active`` (-1: row S, never active)
+        group = lut[self.host]  # [N] position of each token's slot; U = not routed here
         order = torch.argsort(group, stable=True)  # [N] routed tokens first, by group
         tokens = order[:routed]  # [M]
         sorted_group = group[tokens]  # [M]
-        rank = torch.arange(routed, device=device) - starts[sorted_group]  # [M] in-group
+        rank = torch.arange(routed) - starts[sorted_group]  # [M] place in its group
         rows = sorted_group * length + rank  # [M] padded row of each sorted token
         # padding rows repeat their group's first token; what they compute is dropped
         src = order[starts].repeat_interleave(length)  # [U L]
@@ -183,9 +212,11 @@ class Routing:
         if routed == self.num_tokens:  # every token routed: address rows in token order
             by_token = torch.empty_like(rows)  # [N]
             by_token[tokens] = rows
-            found = Segments(length, src, by_token, None, block)
+            found = Segments(length, upload(src, self.device), upload(by_token, self.device),
+                             None, block)
         else:
-            found = Segments(length, src, rows, tokens, block)
+            found = Segments(length, upload(src, self.device), upload(rows, self.device),
+                             upload(tokens, self.device), block)
         self._segments[key] = found
         return found
 
@@ -204,13 +235,16 @@ class Routing:
 
 
 class SlotPlan:
-    """Slot ids for one forward: per token ``[B, T]``/``[N]`` or per row ``[B]``; ``hot``
-    (same shape, bool) marks the rows/tokens of the installed hot merge."""
+    """Slot ids for one forward: per token ``[B, T]``/``[N]`` or per row ``[B]``, on the
+    host (``host``) and the device (``slot_ids``); ``hot`` (host, same shape, bool) marks
+    the rows/tokens of the installed hot merge."""
 
-    def __init__(self, slot_ids: torch.Tensor, num_slots: int, gather_budget: int,
-                 hot: torch.Tensor | None = None, all_hot: bool = False) -> None:
-        self.slot_ids = slot_ids.reshape(-1).long()
-        self.hot = None if hot is None else hot.reshape(-1)
+    def __init__(self, host: torch.Tensor, slot_ids: torch.Tensor, num_slots: int,
+                 gather_budget: int, hot: torch.Tensor | None = None,
+                 all_hot: bool = False) -> None:
+        self.host = host.reshape(-1)  # [n] long, CPU
+        self.slot_ids = slot_ids.reshape(-1)  # [n] long, device
+        self.hot = None if hot is None else hot.reshape(-1)  # [n] bool, CPU
         self.all_hot = all_hot
         self.num_slots = num_slots
         self.gather_budget = gather_budget
@@ -222,17 +256,17 @@ class SlotPlan:
         found = self._routing.get(num_tokens)
         if found is not None:
             return found
-        rows = int(self.slot_ids.shape[0])
-        hot = self.hot
-        if num_tokens == rows:
-            slots = self.slot_ids
-        elif rows > 0 and num_tokens % rows == 0:
-            slots = self.slot_ids.repeat_interleave(num_tokens // rows)
-            hot = None if hot is None else hot.repeat_interleave(num_tokens // rows)
-        else:
-            raise ValueError(f"slot ids for {rows} rows/tokens do not fit a layer input of "
-                             f"{num_tokens} tokens")
-        found = Routing(slots, self.num_slots, self.gather_budget, hot, self.all_hot)
+        rows = int(self.host.shape[0])
+        host, slots, hot = self.host, self.slot_ids, self.hot
+        if num_tokens != rows:
+            if rows == 0 or num_tokens % rows:
+                raise ValueError(f"slot ids for {rows} rows/tokens do not fit a layer input "
+                                 f"of {num_tokens} tokens")
+            per_row = num_tokens // rows
+            host, slots = host.repeat_interleave(per_row), slots.repeat_interleave(per_row)
+            hot = None if hot is None else hot.repeat_interleave(per_row)
+        found = Routing(host, self.num_slots, self.gather_budget, device=slots.device,
+                        slots=slots, hot=hot, all_hot=self.all_hot)
         self._routing[num_tokens] = found
         return found
 
@@ -247,33 +281,32 @@ class StepMeta:
         self.num_slots = num_slots
         self.gather_budget = gather_budget
         self._ids = torch.full((capacity,), -1, dtype=torch.long, device=device)  # [cap]
-        self._hot = torch.zeros(capacity, dtype=torch.bool, device=device)  # [cap]
         self.plan: SlotPlan | None = None
         self.hot: dict[str, HotDelta] = {}  # the installed hot merge, by module path
 
     def begin(self, slot_ids: torch.Tensor, hot: list[bool] | None = None) -> SlotPlan:
-        """Write ``slot_ids`` (per row ``[B]`` or per token ``[B, T]``, on the pool's
-        device) and ``hot`` (per row/token, host side) into the buffers and route them;
-        the layers read the result."""
+        """Route ``slot_ids`` (per row ``[B]`` or per token ``[B, T]``, long, on the host)
+        with ``hot`` (per row/token): the ids are copied into the device buffer, the
+        routing the layers read is built from the host copy."""
         if self.plan is not None:
             raise PoolError("this pool is already routing a forward (one at a time)")
+        if slot_ids.device.type != "cpu":
+            raise PoolError("slot ids are routed from the host: give a CPU tensor")
         flat = slot_ids.reshape(-1)  # [n]
         n = int(flat.shape[0])
         if n > self._ids.shape[0]:  # grow by doubling; steady state reuses one buffer
             size = max(n, 2 * int(self._ids.shape[0]))
             self._ids = torch.full((size,), -1, dtype=torch.long, device=self._ids.device)
-            self._hot = torch.zeros(size, dtype=torch.bool, device=self._hot.device)
         ids = self._ids[:n]  # [n] view of the preallocated buffer
-        ids.copy_(flat)
-        hot_ids: torch.Tensor | None = None
+        ids.copy_(flat, non_blocking=True)
+        hot_flags: torch.Tensor | None = None
         if hot is not None and any(hot) and self.hot:
             if len(hot) != n:
                 raise PoolError(f"hot flags for {len(hot)} rows/tokens, slot ids for {n}")
-            hot_ids = self._hot[:n]  # [n]
-            hot_ids.copy_(torch.tensor(hot, dtype=torch.bool))
-        plan = SlotPlan(ids, self.num_slots, self.gather_budget, hot_ids,
-                        all_hot=hot_ids is not None and hot is not None and all(hot))
-        plan.routing(n)  # the step's host sync, before the forward (per-token ids, or T = 1)
+            hot_flags = torch.tensor(hot, dtype=torch.bool)  # [n] host
+        plan = SlotPlan(flat, ids, self.num_slots, self.gather_budget, hot_flags,
+                        all_hot=hot_flags is not None and all(hot or ()))
+        plan.routing(n)  # routed before the forward (per-token ids, or T = 1)
         self.plan = plan
         return plan
 

@@ -230,10 +230,10 @@ class SlotPool:
         slot ids (-1 = base only), checked and written once into the pool's
         :class:`~tessera.adapters.plan.StepMeta`. ``hot`` (flat, per row or token): the
         rows of the installed hot merge; give them slot -1 (they need no slot)."""
-        ids = torch.as_tensor(slot_ids, dtype=torch.long)
+        ids = torch.as_tensor(slot_ids, dtype=torch.long).cpu()  # routed from the host
         if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_slots):
             raise PoolError(f"slot ids must lie in [-1, {self.num_slots})")
-        plan = self.meta.begin(ids.to(self.device), hot)
+        plan = self.meta.begin(ids, hot)
         try:
             yield plan
         finally:

@@ -23,6 +23,7 @@ from torch import nn
 
 from tessera.adapters.banks.base import Bank
 from tessera.adapters.method import Limits
+from tessera.adapters.plan import upload
 from tessera.adapters.targets import TargetInfo
 
 STACK_ENTRIES = 4  # active sets of stacked factors kept per bank (decode alternates few)
@@ -142,7 +143,7 @@ class StackedBank(Bank):
         """Uncached: the active slots' factors at their largest rank (a cache miss)."""
         first, second = (self.t[name] for name in self.factors_names)
         r = self.max_rank(active)
-        slots = torch.tensor(active, dtype=torch.long, device=first.device)  # [U]
+        slots = upload(torch.tensor(active, dtype=torch.long), first.device)  # [U]
         a = first[:, :r].index_select(0, slots)  # [U, r, d1]
         b = second[:, :, :r].index_select(0, slots)  # [U, d2, r]
         return Stack(a, b.transpose(1, 2).contiguous())  # [U, r, d1], [U, r, d2]

@@ -49,7 +49,7 @@ from tessera.adapters import kernels
 from tessera.adapters.banks.base import Bank
 from tessera.adapters.banks.cache import DerivedCache
 from tessera.adapters.method import Limits
-from tessera.adapters.plan import Routing
+from tessera.adapters.plan import Routing, upload
 from tessera.adapters.targets import TargetInfo
 
 log = logging.getLogger(__name__)
@@ -204,9 +204,9 @@ class HadamardBank(Bank):
             return h
         device = x.device
         r_max = self.t["a"].shape[1]
-        rank_of = torch.zeros(self.num_slots + 1, dtype=torch.long, device=device)  # [S+1]
-        rank_of[torch.tensor(active, device=device)] = torch.tensor(ranks, device=device)
-        per_token = routing.take(rank_of)  # [N]: 0 for other slots' tokens
+        rank_of = torch.zeros(self.num_slots + 1, dtype=torch.long)  # [S+1], host
+        rank_of[torch.tensor(active)] = torch.tensor(ranks)
+        per_token = routing.take(upload(rank_of, device))  # [N]: 0 for other slots' tokens
         token = torch.repeat_interleave(torch.arange(x.shape[0], device=device), per_token,
                                         output_size=total)  # [T] token of each term row
         first = torch.cumsum(per_token, 0) - per_token  # [N] first row of each token
