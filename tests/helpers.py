@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
-from tessera.adapters import SlotPool
+from tessera.adapters import PoolConfig, SlotPool
+from tests.factories import FACTORIES
+from tests.models import tiny_model
 
 
 def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rel: float,
@@ -27,3 +31,22 @@ def pool_logits(pool: SlotPool, model: nn.Module, ids: torch.Tensor,
                 slots: list[int]) -> torch.Tensor:
     with pool.use(torch.tensor(slots)):
         return logits(model, ids)
+
+
+def meta_twin(methods: list[str], gather_budget: int = 1 << 40
+              ) -> tuple[tuple[nn.Module, SlotPool], tuple[nn.Module, SlotPool]]:
+    """``(cpu model, cpu pool), (meta model, meta pool)`` of the tiny Llama, slot ``i``
+    holding the same adapter of method ``methods[i]`` in both (lowered and validated on the
+    CPU, written to both). On PyTorch's ``meta`` device tensors have shapes and no values:
+    any host read of one (``.item()``, ``.tolist()``, ``nonzero``, ``unique``) raises."""
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(11)
+    config = PoolConfig(num_slots=len(methods), max_rank=8, gather_budget=gather_budget)
+    cpu = SlotPool(model, config)
+    meta_model = copy.deepcopy(model).to("meta")
+    meta = SlotPool(meta_model, config)
+    for slot, name in enumerate(methods):
+        prepared = cpu.prepare(FACTORIES[name](model, gen))
+        cpu.write(slot, prepared)
+        meta.write(slot, prepared)
+    return (model, cpu), (meta_model, meta)

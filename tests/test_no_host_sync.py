@@ -13,37 +13,18 @@ token routed alone."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
-from tessera.adapters import PoolConfig, SlotPool, registry
+from tessera.adapters import SlotPool, registry
 from tessera.adapters.plan import Routing
 from tests.factories import FACTORIES
-from tests.helpers import assert_close_scaled
-from tests.models import tiny_model
+from tests.helpers import assert_close_scaled, meta_twin
 
 NAMES = [*registry.all_names(), "hut"]  # a second HUT slot: one HUT slot runs dense
 HUT = NAMES.index("hut")  # the one with a prefill chunk (its dense form)
 LORA = NAMES.index("lora")
-
-
-def pools(gather_budget: int) -> tuple[tuple[nn.Module, SlotPool], tuple[nn.Module, SlotPool]]:
-    """``(cpu model, cpu pool), (meta model, meta pool)``, slot ``i`` holding an adapter of
-    method ``NAMES[i]`` in both (lowered and validated on the CPU, written to both)."""
-    model = tiny_model("llama")
-    gen = torch.Generator().manual_seed(11)
-    config = PoolConfig(num_slots=len(NAMES), max_rank=8, gather_budget=gather_budget)
-    cpu = SlotPool(model, config)
-    meta_model = copy.deepcopy(model).to("meta")
-    meta = SlotPool(meta_model, config)
-    for slot, name in enumerate(NAMES):
-        prepared = cpu.prepare(FACTORIES[name](model, gen))
-        cpu.write(slot, prepared)
-        meta.write(slot, prepared)
-    return (model, cpu), (meta_model, meta)
 
 
 def packed_layout() -> list[int]:
@@ -79,7 +60,7 @@ def assert_layers_route_each_token(pool: SlotPool, layout: list[int]) -> None:
 
 @pytest.mark.parametrize("gather_budget", [0, 1 << 40])
 def test_a_padded_batch_of_every_method_reads_nothing_back(gather_budget: int) -> None:
-    (model, _), (meta_model, meta) = pools(gather_budget)
+    (model, _), (meta_model, meta) = meta_twin(NAMES, gather_budget)
     slots = torch.tensor([*range(len(NAMES)), -1])  # a row per slot, then a base row
     out, routing = forward(meta_model, meta, torch.zeros(len(NAMES) + 1, 5, dtype=torch.long,
                                                           device="meta"), slots)
@@ -89,7 +70,7 @@ def test_a_padded_batch_of_every_method_reads_nothing_back(gather_budget: int) -
 
 @pytest.mark.parametrize("gather_budget", [0, 1 << 40])
 def test_a_packed_step_of_every_method_reads_nothing_back(gather_budget: int) -> None:
-    (model, cpu), (meta_model, meta) = pools(gather_budget)
+    (model, cpu), (meta_model, meta) = meta_twin(NAMES, gather_budget)
     layout = packed_layout()
     ids = torch.zeros(1, len(layout), dtype=torch.long, device="meta")
     out, routing = forward(meta_model, meta, ids, torch.tensor([layout]))
@@ -107,7 +88,7 @@ def test_a_packed_step_of_every_method_reads_nothing_back(gather_budget: int) ->
 
 @pytest.mark.parametrize("all_hot", [False, True])
 def test_a_hot_merge_beside_other_tokens_reads_nothing_back(all_hot: bool) -> None:
-    (model, cpu), (meta_model, meta) = pools(1 << 40)
+    (model, cpu), (meta_model, meta) = meta_twin(NAMES, 1 << 40)
     prepared = cpu.prepare(FACTORIES["lora"](model, torch.Generator().manual_seed(3)))
     meta.install_hot(meta.hot_merge(prepared))
     layout = packed_layout()
@@ -120,6 +101,6 @@ def test_a_hot_merge_beside_other_tokens_reads_nothing_back(all_hot: bool) -> No
 
 
 def test_slot_ids_on_a_device_are_refused_by_the_step_metadata() -> None:
-    (_, _), (_, meta) = pools(0)
+    (_, _), (_, meta) = meta_twin(NAMES, 0)
     with pytest.raises(Exception, match="host"):
         meta.meta.begin(torch.zeros(3, dtype=torch.long, device="meta"))
