@@ -53,6 +53,19 @@ class Segments:
 
 
 @dataclass(frozen=True)
+class Groups:
+    """The tokens of a list of ``U`` active slots sorted by slot, unpadded (SGMV's layout,
+    what a kernel reading the banks by slot id takes): group ``u`` is the tokens
+    ``order[starts[u]:starts[u] + lengths[u]]``, all of slot ``slots[u]``."""
+
+    order: torch.Tensor  # [M] token of each sorted position
+    slots: torch.Tensor  # [U] slot of each group
+    starts: torch.Tensor  # [U] first sorted position of each group
+    lengths: torch.Tensor  # [U] tokens of each group
+    longest: int  # the largest group (host side: sizes a kernel's grid)
+
+
+@dataclass(frozen=True)
 class HotDelta:
     """One module's share of a hot merge (dLoRA): ``weight = W0 + up @ down`` in the base's
     dtype and ``F.linear`` layout, a buffer beside W0 (never written into it). Tokens of the
@@ -113,6 +126,7 @@ class Routing:
         self._subsets: dict[tuple[int, ...], tuple[torch.Tensor, Routing]] = {}
         self._membership: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._segments: dict[tuple[int, ...], Segments] = {}
+        self._groups: dict[tuple[int, ...], Groups] = {}
 
     def _tokens(self, picked: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """Tokens ``picked`` (host ``[M]``) on the device and their own routing."""
@@ -184,6 +198,32 @@ class Routing:
         """``L``: the most tokens any of ``active`` has in this batch (host-side)."""
         return max((self.counts.get(s, 0) for s in active), default=0)
 
+    def _sorted(self, active: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Host side: ``group [N]`` (each token's place in ``active``; ``U`` = none of
+        them), ``order [N]`` (tokens of ``active[0]``, then ``active[1]``, ..., in token
+        order within a slot, then the others) and the tokens of each active slot."""
+        counts = [self.counts.get(s, 0) for s in active]  # tokens of each active slot
+        if not all(counts):
+            raise ValueError(f"active slots {active} include one no token of the batch uses")
+        lut = torch.full((self.num_slots + 1,), len(active), dtype=torch.long)  # slot ->
+        lut[torch.tensor(active)] = torch.arange(len(active))  # its place (-1: row S)
+        group = lut[self.host]  # [N]
+        return group, torch.argsort(group, stable=True), counts  # [N], [N], U
+
+    def groups(self, active: list[int]) -> Groups:
+        """:class:`Groups` for a list of active slots (cached). Built on the host, its
+        index tensors uploaded."""
+        key = tuple(active)
+        found = self._groups.get(key)
+        if found is None:
+            _, order, counts = self._sorted(active)
+            starts = [0, *accumulate(counts[:-1])]
+            found = Groups(order=upload(order[:sum(counts)], self.device),
+                           slots=self.ids(active), starts=self.ids(starts),
+                           lengths=self.ids(counts), longest=max(counts))
+            self._groups[key] = found
+        return found
+
     def segments(self, active: list[int]) -> Segments:
         """:class:`Segments` for a list of active slots (cached: the banks of a batch share
         lists). Built on the host, its index tensors uploaded."""
@@ -191,17 +231,11 @@ class Routing:
         found = self._segments.get(key)
         if found is not None:
             return found
-        u, length = len(active), self.segment_length(active)
-        counts = [self.counts.get(s, 0) for s in active]  # tokens of each active slot
-        if not all(counts):
-            raise ValueError(f"active slots {active} include one no token of the batch uses")
+        group, order, counts = self._sorted(active)
+        length = max(counts)  # L
         routed = sum(counts)  # M
         block = self._block(active, length)
         starts = torch.tensor([0, *accumulate(counts[:-1])])  # [U] first sorted position
-        lut = torch.full((self.num_slots + 1,), u, dtype=torch.long)  # slot -> its place
-        lut[torch.tensor(active)] = torch.arange(u)  # in ``active`` (-1: row S, never active)
-        group = lut[self.host]  # [N] position of each token's slot; U = not routed here
-        order = torch.argsort(group, stable=True)  # [N] routed tokens first, by group
         tokens = order[:routed]  # [M]
         sorted_group = group[tokens]  # [M]
         rank = torch.arange(routed) - starts[sorted_group]  # [M] place in its group

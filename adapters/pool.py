@@ -25,12 +25,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from tessera.adapters import kernels, registry
+from tessera.adapters import kernels, ops, registry
 from tessera.adapters import targets as tg
 from tessera.adapters.banks import BANKS, Bank
 from tessera.adapters.errors import AdapterValidationError, PoolError
 from tessera.adapters.layer import AdapterLayer
 from tessera.adapters.method import Adapter, Limits, Method, MethodConfig, SlotData, Tensors
+from tessera.adapters.ops import Choice
 from tessera.adapters.plan import HotDelta, SlotPlan, StepMeta
 from tessera.adapters.validation import check_lowered, validate_component
 
@@ -51,6 +52,9 @@ class PoolConfig(BaseModel):
                              "(HUT: W0 ⊙ a^T c, one GEMM instead of r); memory: up to this "
                              "many copies of the HUT-targeted weights; 0 = never "
                              "(banks.hadamard)")
+    kernels: Choice = Field(
+        "auto", description="backend of the banks' batched ops (tessera.adapters.ops): "
+                            "'auto' = Triton on CUDA where installed, else torch")
 
 
 Part = tuple[Method[Any], MethodConfig, Tensors]
@@ -97,13 +101,15 @@ class SlotPool:
             raise PoolError("the pool's target_modules select no projection of the model")
         self.targets: dict[str, tg.TargetInfo] = available
         self.meta = StepMeta(config.num_slots, config.gather_budget, self.device)
+        self.backend = ops.resolve(config.kernels, self.device)
         self.layers: dict[str, AdapterLayer] = {}
         for path, target in available.items():
             parent_path, _, child = path.rpartition(".")
             parent = model.get_submodule(parent_path)
             base = getattr(parent, child)
             banks = [BANKS[kind](config.num_slots, target, self.limits, self.dtype, self.device,
-                                 dense_slots=config.dense_slots, base_layer=base)
+                                 dense_slots=config.dense_slots, base_layer=base,
+                                 backend=self.backend)
                      for kind in kinds]
             layer = AdapterLayer(base, target, banks, self.meta)
             setattr(parent, child, layer)

@@ -30,6 +30,10 @@ tokens each (``ignore_eos``), all submitted at once. Systems:
   with its own thread choice (on 2 cores it keeps one for its engine-core process and
   serves on one), or once per ``--vllm-threads N ...`` (OMP_NUM_THREADS; 0 = its own).
 
+``--kernels triton torch``: the engine on Triton's LoRA kernels, and the LoRA rows again on
+an engine with the torch forms (``tessera.adapters.ops``; Triton needs CUDA, or
+``TRITON_INTERPRET=1`` on a CPU for a smoke run).
+
 ``--device cuda --dtype bfloat16`` runs the engine and the transformers/PEFT peers on a GPU
 (without the packed-linears copy and vLLM's CPU build, both CPU-only);
 ``scripts/device-check`` runs it on a 1B-class model (``--hidden 2048 --layers 16``).
@@ -177,9 +181,12 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
             model=tmp, device=args.device, dtype=args.dtype, num_slots=max(most, 1),
             max_rank=16, max_batch_rows=args.requests, max_queue=4 * args.requests,
             context_limit=args.prompt + args.new + 8, hot_merge=False,
-            methods=sorted(methods), max_tokens_limit=args.new, default_max_tokens=args.new)
-        engine = Engine(settings)
-        await engine.start()
+            methods=sorted(methods), max_tokens_limit=args.new, default_max_tokens=args.new,
+            kernels=args.kernels[0])
+        engines = [Engine(settings.model_copy(update={"kernels": k})) for k in args.kernels]
+        for started in engines:
+            await started.start()
+        engine = engines[0]
         model.to(device=args.device, dtype=getattr(torch, args.dtype))  # the peers' copy
         first = args.adapters[0]
         work = prompts(args)
@@ -188,6 +195,10 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
         for n in args.adapters:
             systems[f"tessera {n} LoRA r16"] = (
                 lambda n=n: run_engine(engine, args, adapters[:n]))  # type: ignore[misc]
+        for k, other in zip(args.kernels[1:], engines[1:], strict=True):
+            for n in args.adapters:  # the same rows on another kernel backend
+                systems[f"tessera {n} LoRA r16, {k} kernels"] = (
+                    lambda n=n, e=other: run_engine(e, args, adapters[:n]))  # type: ignore[misc]
         for m, group in by_method.items():
             systems[f"tessera 8 {m} (factories)"] = (
                 lambda m=m, g=group: run_engine(engine, args, g, family=m))  # type: ignore[misc]
@@ -231,7 +242,8 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
                     results[name].append(await systems[name]())
                     print(f"  {name}: {results[name][-1]['tok_s']:.1f} tok/s", flush=True)
         finally:
-            await engine.stop(drain_timeout=5)
+            for started in engines:
+                await started.stop(drain_timeout=5)
         if args.vllm:  # its own process and venv; tessera's engine is stopped by now
             dirs = peers.save_peft_dirs(Path(tmp) / "peft", adapters[:first], ALL_LINEAR,
                                         16, 32.0)
@@ -278,6 +290,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where the engine and the transformers/PEFT peers run")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--kernels", nargs="+", choices=["auto", "torch", "triton"],
+                        default=["auto"], help="the adapter banks' kernel backend; each "
+                        "further one adds the LoRA rows on an engine of its own")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)

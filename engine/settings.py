@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tessera.adapters import PoolConfig
+from tessera.adapters.ops import Choice
 from tessera.engine.kvcache import KVBudget
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -52,6 +53,10 @@ class EngineSettings(BaseSettings):
         8, ge=0, description="slots per module that may keep a dense weight for HUT "
                              "adapters (one GEMM instead of r per token); memory: up to this "
                              "many copies of the HUT-targeted weights; 0 = never")
+    kernels: Choice = Field(
+        "auto", description="backend of the adapter banks' batched ops: 'auto' = Triton "
+                            "kernels on CUDA where triton is installed, else torch; "
+                            "'torch'; 'triton' (CUDA)")
     methods: list[str] | None = Field(
         None, description="adapter methods the slot pool allocates banks for (e.g. "
                           '["lora", "dora"]); None = every registered method')
@@ -127,7 +132,8 @@ class EngineSettings(BaseSettings):
         return PoolConfig(num_slots=self.num_slots, max_rank=self.max_rank,
                           max_bottleneck_dim=self.max_bottleneck_dim,
                           methods=self.methods, target_modules=self.target_modules,
-                          gather_budget=self.gather_budget, dense_slots=self.dense_slots)
+                          gather_budget=self.gather_budget, dense_slots=self.dense_slots,
+                          kernels=self.kernels)
 
     @property
     def torch_dtype(self) -> torch.dtype:

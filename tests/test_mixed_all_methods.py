@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tessera.adapters import PoolConfig, SlotPool, reference_model, registry
+from tessera.adapters.ops import Choice
 from tests.factories import FACTORIES
 from tests.helpers import assert_close_scaled, logits, pool_logits
 from tests.models import input_ids, tiny_model
@@ -20,7 +21,8 @@ def test_all_issue_methods_are_registered() -> None:
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("gather_budget", [0, 1 << 40])
-def test_every_method_in_one_batch(family: str, gather_budget: int) -> None:
+@pytest.mark.parametrize("kernels", ["torch", "triton"])  # Triton: its interpreter on a CPU
+def test_every_method_in_one_batch(family: str, gather_budget: int, kernels: Choice) -> None:
     model = tiny_model(family)
     gen = torch.Generator().manual_seed(11)
     names = registry.all_names()
@@ -30,7 +32,7 @@ def test_every_method_in_one_batch(family: str, gather_budget: int) -> None:
     base = logits(model, ids[-1:])
 
     pool = SlotPool(model, PoolConfig(num_slots=len(names), max_rank=8,
-                                      gather_budget=gather_budget))
+                                      gather_budget=gather_budget, kernels=kernels))
     for slot, adapter in enumerate(adapters):
         pool.load(slot, adapter)
     slots = [*range(len(names)), -1]  # a row per method, then a base row

@@ -24,6 +24,7 @@ from torch import nn
 
 from tessera.adapters.errors import PoolError
 from tessera.adapters.method import Limits, SlotData
+from tessera.adapters.ops import Backend
 from tessera.adapters.plan import Routing
 from tessera.adapters.targets import TargetInfo
 
@@ -38,13 +39,17 @@ class Bank(ABC):
 
     def __init__(self, num_slots: int, target: TargetInfo, limits: Limits,
                  dtype: torch.dtype, device: torch.device, *,
-                 dense_slots: int | None = None, base_layer: nn.Module | None = None) -> None:
+                 dense_slots: int | None = None, base_layer: nn.Module | None = None,
+                 backend: Backend = "torch") -> None:
         """``dense_slots``: how many slots may keep a dense ``[out, in]`` weight derived
         from their rows, for banks that derive one (HUT's, :mod:`.hadamard`); None = all
         (the pool passes ``PoolConfig.dense_slots``). ``base_layer``: the wrapped layer
         (shared, not owned), for banks that multiply by W0 on the kernel it runs
-        (:func:`tessera.adapters.kernels.packed_of`); None = plain ``F.linear``."""
+        (:func:`tessera.adapters.kernels.packed_of`); None = plain ``F.linear``.
+        ``backend``: the kernels of the banks' batched ops (:mod:`tessera.adapters.ops`)."""
         self.num_slots = num_slots
+        self.dtype, self.device = dtype, device
+        self.backend = backend
         self.base_layer = base_layer
         self.dense_slots = num_slots if dense_slots is None else min(dense_slots, num_slots)
         self.target = target
@@ -57,6 +62,11 @@ class Bank(ABC):
         self.slot_rank = [0] * (num_slots + 1)
         self.slot_meta: list[dict[str, Any]] = [{} for _ in range(num_slots + 1)]
         self.slot_numel = sum(t[0].numel() for t in self.t.values())
+        self.setup_derived()
+
+    def setup_derived(self) -> None:
+        """Set up state derived from the slots (the end of ``__init__``); none here."""
+        return None
 
     @classmethod
     @abstractmethod

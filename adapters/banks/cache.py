@@ -19,12 +19,9 @@ from dataclasses import dataclass
 from typing import ClassVar, Generic, Protocol, TypeVar
 
 import torch
-from torch import nn
 
 from tessera.adapters.banks.base import Bank
-from tessera.adapters.method import Limits
 from tessera.adapters.plan import upload
-from tessera.adapters.targets import TargetInfo
 
 STACK_ENTRIES = 4  # active sets of stacked factors kept per bank (decode alternates few)
 
@@ -124,11 +121,7 @@ class StackedBank(Bank):
 
     factors_names: ClassVar[tuple[str, str]]
 
-    def __init__(self, num_slots: int, target: TargetInfo, limits: Limits,
-                 dtype: torch.dtype, device: torch.device, *,
-                 dense_slots: int | None = None, base_layer: nn.Module | None = None) -> None:
-        super().__init__(num_slots, target, limits, dtype, device, dense_slots=dense_slots,
-                         base_layer=base_layer)
+    def setup_derived(self) -> None:
         first, second = (self.t[name] for name in self.factors_names)
         self.stacks: DerivedCache[Stack] = DerivedCache(
             budget=first.numel() + second.numel(), entries=STACK_ENTRIES)

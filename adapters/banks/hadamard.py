@@ -43,7 +43,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from tessera.adapters import kernels
 from tessera.adapters.banks.base import Bank
@@ -106,15 +105,11 @@ class HadamardBank(Bank):
     fills = {"a": 0.0, "c": 0.0}
     rank_tensor = ("c", 0)
 
-    def __init__(self, num_slots: int, target: TargetInfo, limits: Limits,
-                 dtype: torch.dtype, device: torch.device, *,
-                 dense_slots: int | None = None, base_layer: nn.Module | None = None) -> None:
-        super().__init__(num_slots, target, limits, dtype, device, dense_slots=dense_slots,
-                         base_layer=base_layer)
-        size = target.out_features * target.in_features
+    def setup_derived(self) -> None:
+        size = self.target.out_features * self.target.in_features
         self.dense: DerivedCache[Dense] = DerivedCache(
             budget=self.dense_slots * size, entries=self.dense_slots, evict=False)
-        self.pack = kernels.supported(dtype, device.type)
+        self.pack = kernels.supported(self.dtype, self.device.type)
 
     @classmethod
     def shapes(cls, target: TargetInfo, limits: Limits) -> dict[str, tuple[int, ...]]:

@@ -65,6 +65,7 @@ from typing import Literal
 
 import torch
 
+from tessera.adapters import ops
 from tessera.adapters.banks.cache import StackedBank
 from tessera.adapters.method import Limits
 from tessera.adapters.plan import Routing
@@ -118,8 +119,15 @@ class LowRankBank(StackedBank):
         a, b = self.factors(slot)  # [r, in], [out, r]
         h.addmm_(x @ a.t(), b.t())  # [n, out], in place
 
+    def gather_elements(self, routing: Routing, active: list[int]) -> int:
+        """The Triton kernels gather nothing (they read the factors in place by slot id)."""
+        return 0 if self.backend == "triton" else super().gather_elements(routing, active)
+
     def apply_tokens(self, routing: Routing, active: list[int], h: torch.Tensor,
                      x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":  # one shrink and one expand kernel, factors in place
+            return ops.lora("triton")(h, x, self.t["A"], self.t["B"], routing.groups(active),
+                                      self.max_rank(active))
         form = choose_form(routing.num_tokens, len(active), routing.segment_length(active))
         if form == "stacked":
             return self.apply_stacked(routing, active, h, x)
@@ -164,11 +172,8 @@ class LowRankBank(StackedBank):
 
     def apply_per_token(self, routing: Routing, active: list[int], h: torch.Tensor,
                         x: torch.Tensor) -> torch.Tensor:
-        r = self.max_rank(active)
-        a = routing.take(self.t["A"][:, :r])  # [N, r, in]
-        b = routing.take(self.t["B"][:, :, :r])  # [N, out, r]
-        low = torch.bmm(x.unsqueeze(1), a.transpose(1, 2))  # [N, 1, r]
-        return h + torch.bmm(low, b.transpose(1, 2)).squeeze(1)  # [N, out]
+        return ops.lora("torch")(h, x, self.t["A"], self.t["B"], routing.groups(active),
+                                 self.max_rank(active))
 
     def reference(self, routing: Routing, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Plain-torch reference of every form: one token at a time, ``h + B (A x)``."""

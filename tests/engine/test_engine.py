@@ -25,9 +25,11 @@ from tessera.engine.scheduler import StepReport
 from tests.engine.conftest import GREEDY, METHODS, PROMPTS, EngineFactory, Reference, spec
 
 
+@pytest.mark.parametrize("kernels", ["torch", "triton"])  # Triton: interpreted on a CPU
 async def test_mixed_batch_every_method_matches_reference(
-        make_engine: EngineFactory, adapters: dict[str, Adapter], reference: Reference) -> None:
-    engine = await make_engine(num_slots=8)
+        make_engine: EngineFactory, adapters: dict[str, Adapter], reference: Reference,
+        kernels: str) -> None:
+    engine = await make_engine(num_slots=8, kernels=kernels)
     reports: list[StepReport] = []
     engine.subscribe(reports.append)
     threads: set[str] = set()
