@@ -33,17 +33,18 @@ def pool_logits(pool: SlotPool, model: nn.Module, ids: torch.Tensor,
         return logits(model, ids)
 
 
-def meta_twin(methods: list[str], gather_budget: int = 1 << 40
+def meta_twin(methods: list[str], gather_budget: int = 1 << 40, device: str = "meta"
               ) -> tuple[tuple[nn.Module, SlotPool], tuple[nn.Module, SlotPool]]:
-    """``(cpu model, cpu pool), (meta model, meta pool)`` of the tiny Llama, slot ``i``
-    holding the same adapter of method ``methods[i]`` in both (lowered and validated on the
-    CPU, written to both). On PyTorch's ``meta`` device tensors have shapes and no values:
-    any host read of one (``.item()``, ``.tolist()``, ``nonzero``, ``unique``) raises."""
+    """``(cpu model, cpu pool), (twin model, twin pool)`` of the tiny Llama, the twin on
+    ``device``, slot ``i`` holding the same adapter of method ``methods[i]`` in both
+    (lowered and validated on the CPU, written to both). On PyTorch's ``meta`` device
+    tensors have shapes and no values: any host read of one (``.item()``, ``.tolist()``,
+    ``nonzero``, ``unique``) raises."""
     model = tiny_model("llama")
     gen = torch.Generator().manual_seed(11)
     config = PoolConfig(num_slots=len(methods), max_rank=8, gather_budget=gather_budget)
     cpu = SlotPool(model, config)
-    meta_model = copy.deepcopy(model).to("meta")
+    meta_model = copy.deepcopy(model).to(device)
     meta = SlotPool(meta_model, config)
     for slot, name in enumerate(methods):
         prepared = cpu.prepare(FACTORIES[name](model, gen))
