@@ -125,7 +125,10 @@ class LowRankBank(StackedBank):
 
     def apply_tokens(self, routing: Routing, active: list[int], h: torch.Tensor,
                      x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton":  # one shrink and one expand kernel, factors in place
+        # Triton: one shrink and one expand kernel, factors in place; they have no backward,
+        # so where autograd needs one through x or h the torch forms run instead
+        if self.backend == "triton" and not (torch.is_grad_enabled()
+                                             and (x.requires_grad or h.requires_grad)):
             return ops.lora("triton")(h, x, self.t["A"], self.t["B"], routing.groups(active),
                                       self.max_rank(active))
         form = choose_form(routing.num_tokens, len(active), routing.segment_length(active))
