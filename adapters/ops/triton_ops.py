@@ -38,7 +38,7 @@ BLOCK_N = 64  # output features per expand program
 def _shrink(x_ptr: Any, a_ptr: Any, low_ptr: Any, order_ptr: Any, slots_ptr: Any,
             starts_ptr: Any, lengths_ptr: Any, k_dim: Any, rank: Any, stride_x: Any,
             stride_as: Any, stride_ar: Any, stride_low: Any, BLOCK_M: tl.constexpr,
-            BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr) -> None:
+            BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr) -> None:
     g = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
     length = tl.load(lengths_ptr + g)
@@ -59,7 +59,10 @@ def _shrink(x_ptr: Any, a_ptr: Any, low_ptr: Any, order_ptr: Any, slots_ptr: Any
                          + offs_k[:, None],
                          mask=(offs_r[None, :] < rank) & (offs_k[:, None] < k_dim),
                          other=0.0)  # [BK, BR] = A_s^T
-            acc += tl.dot(xs, at, input_precision=PRECISION)
+            if IEEE:  # fp32: no TF32 rounding of the inputs
+                acc += tl.dot(xs, at, input_precision="ieee")
+            else:
+                acc += tl.dot(xs, at)
         tl.store(low_ptr + (start + offs_m)[:, None] * stride_low + offs_r[None, :], acc,
                  mask=in_group[:, None])
 
@@ -68,7 +71,7 @@ def _shrink(x_ptr: Any, a_ptr: Any, low_ptr: Any, order_ptr: Any, slots_ptr: Any
 def _expand(low_ptr: Any, b_ptr: Any, out_ptr: Any, order_ptr: Any, slots_ptr: Any,
             starts_ptr: Any, lengths_ptr: Any, n_dim: Any, rank: Any, stride_low: Any,
             stride_bs: Any, stride_bn: Any, stride_out: Any, BLOCK_M: tl.constexpr,
-            BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr) -> None:
+            BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr) -> None:
     g = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
     length = tl.load(lengths_ptr + g)
@@ -85,7 +88,10 @@ def _expand(low_ptr: Any, b_ptr: Any, out_ptr: Any, order_ptr: Any, slots_ptr: A
         bt = tl.load(b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None],
                      mask=(offs_r[:, None] < rank) & (offs_n[None, :] < n_dim),
                      other=0.0)  # [BR, BN] = B_s^T
-        delta = tl.dot(low.to(bt.dtype), bt, input_precision=PRECISION)  # [BM, BN] fp32
+        if IEEE:  # noqa: SIM108 (a constexpr branch: resolved when the kernel compiles)
+            delta = tl.dot(low, bt, input_precision="ieee")  # [BM, BN] fp32
+        else:
+            delta = tl.dot(low.to(bt.dtype), bt)  # [BM, BN] fp32
         ptrs = out_ptr + token[:, None] * stride_out + offs_n[None, :]
         mask = in_group[:, None] & (offs_n[None, :] < n_dim)
         h = tl.load(ptrs, mask=mask, other=0.0)
@@ -102,16 +108,16 @@ def lora(h: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gro
     if routed == 0 or rank == 0:
         return out
     block_r = max(16, triton.next_power_of_2(rank))
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32: unused below fp32
+    ieee = x.dtype == torch.float32
     low = torch.empty(routed, block_r, dtype=torch.float32, device=x.device)  # [M, BR]
     count = int(groups.slots.shape[0])
     blocks = triton.cdiv(groups.longest, BLOCK_M)
     _shrink[(count, blocks)](
         x, a, low, groups.order, groups.slots, groups.starts, groups.lengths,
         x.shape[1], rank, x.stride(0), a.stride(0), a.stride(1), low.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=BLOCK_K, PRECISION=precision)
+        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=BLOCK_K, IEEE=ieee)
     _expand[(count, blocks, triton.cdiv(out.shape[1], BLOCK_N))](
         low, b, out, groups.order, groups.slots, groups.starts, groups.lengths,
         out.shape[1], rank, low.stride(0), b.stride(0), b.stride(1), out.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_N=BLOCK_N, PRECISION=precision)
+        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_N=BLOCK_N, IEEE=ieee)
     return out
