@@ -101,7 +101,7 @@ class SlotPool:
             raise PoolError("the pool's target_modules select no projection of the model")
         self.targets: dict[str, tg.TargetInfo] = available
         self.meta = StepMeta(config.num_slots, config.gather_budget, self.device)
-        self.backend = ops.resolve(config.kernels, self.device)
+        self.backend = ops.resolve(config.kernels, self.device, self.dtype)
         self.layers: dict[str, AdapterLayer] = {}
         for path, target in available.items():
             parent_path, _, child = path.rpartition(".")

@@ -81,6 +81,21 @@ def test_triton_is_refused_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="Triton kernels do not run on cpu"):
         ops.resolve("triton", torch.device("cpu"))
+    ops.triton_agrees.cache_clear()
+    try:
+        assert not ops.triton_agrees("cpu", torch.float32)  # the probe: cannot run here
+    finally:
+        ops.triton_agrees.cache_clear()
+
+
+def test_the_start_up_probe_runs_the_kernels() -> None:
+    """``auto``'s probe on this machine's device (interpreted on a CPU): the kernels run
+    and equal the torch backend."""
+    ops.triton_agrees.cache_clear()
+    assert ops.triton_agrees(DEVICE.type, torch.float32)
+    if DEVICE.type == "cuda":
+        assert ops.resolve("auto", DEVICE) == "triton"
+        assert ops.triton_agrees("cuda", torch.bfloat16)
 
 
 def test_a_backward_through_the_pool_takes_the_torch_forms() -> None:

@@ -9,8 +9,11 @@
 :mod:`.torch_ops` (any device) gathers each token's factors (BGMV-like, the low-rank
 bank's per-token form); :mod:`.triton_ops` (CUDA, or Triton's interpreter on the CPU for
 tests) runs an SGMV-like shrink and expand over the groups, reading each slot's factors in
-place: no gather, no stacked copy. :func:`resolve` turns the setting into a backend. On
-the CPU the low-rank bank keeps its own forms (stacked, segment, per-token by cost:
+place: no gather, no stacked copy. :func:`resolve` turns the setting into a backend:
+``auto`` takes Triton on CUDA only where a start-up probe (:func:`triton_agrees`: the
+kernels compile, run and equal the torch backend on a small case) passes, like the CPU's
+packed-linear probe (:func:`tessera.adapters.kernels.supported`). On the CPU the low-rank
+bank keeps its own forms (stacked, segment, per-token by cost:
 :mod:`tessera.adapters.banks.lowrank`), measured faster there.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
@@ -26,6 +30,8 @@ import torch
 
 if TYPE_CHECKING:
     from tessera.adapters.plan import Groups
+
+log = logging.getLogger(__name__)
 
 Backend = Literal["torch", "triton"]
 Choice = Literal["auto", "torch", "triton"]
@@ -56,11 +62,48 @@ def triton_runs(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve(choice: Choice, device: torch.device) -> Backend:
-    """The backend of ``choice`` on ``device``: ``auto`` is Triton on CUDA where it is
-    installed, else torch; ``triton`` where it cannot run is refused."""
+@functools.cache
+def triton_agrees(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the Triton ``lora`` op runs on ``device_type`` in ``dtype`` and equals the
+    torch backend's on a small mixed case (three slots, base tokens, a group past one
+    block; probed once). A failure is logged, never raised."""
+    from tessera.adapters.plan import Routing
+
+    device = torch.device(device_type)
+    if not triton_runs(device):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 8, 40, generator=gen)  # [S + 1, r_max, in]
+    b = torch.randn(4, 72, 8, generator=gen)  # [S + 1, out, r_max]
+    a[3], b[3] = 0.0, 0.0
+    x = torch.randn(23, 40, generator=gen)  # [N, in]
+    h = torch.randn(23, 72, generator=gen)  # [N, out]
+    a, b, x, h = (t.to(device, dtype) for t in (a, b, x, h))
+    slots = torch.tensor([2] * 17 + [0, -1, 1, 0, -1, 1])  # [N]
+    groups = Routing(slots, 3, 0, device=device).groups([0, 1, 2])
+    try:
+        got = lora("triton")(h, x, a, b, groups, 6)  # [N, out]
+    except Exception as exc:  # compile or launch failure: keep the torch forms
+        log.warning("Triton LoRA kernels unavailable; torch forms",
+                    extra={"device": device_type, "dtype": str(dtype), "error": repr(exc)})
+        return False
+    want = lora("torch")(h, x, a, b, groups, 6)  # [N, out]
+    rtol = 1e-4 if dtype == torch.float32 else 3e-2
+    agree = bool(torch.allclose(got.float(), want.float(), rtol=rtol, atol=rtol * 10))
+    if not agree:
+        log.warning("Triton LoRA kernels disagree with torch; torch forms",
+                    extra={"device": device_type, "dtype": str(dtype)})
+    return agree
+
+
+def resolve(choice: Choice, device: torch.device, dtype: torch.dtype = torch.float32
+            ) -> Backend:
+    """The backend of ``choice`` on ``device`` for ``dtype`` banks: ``auto`` is Triton on
+    CUDA where it is installed and its probe passes, else torch; ``triton`` where it
+    cannot run is refused."""
     if choice == "auto":
-        return "triton" if device.type == "cuda" and triton_runs(device) else "torch"
+        return ("triton" if device.type == "cuda" and triton_agrees(device.type, dtype)
+                else "torch")
     if choice == "triton" and not triton_runs(device):
         raise ValueError(f"Triton kernels do not run on {device} here (CUDA with triton "
                          "installed, or TRITON_INTERPRET=1 on the CPU)")
