@@ -61,13 +61,22 @@ class AdapterLayer(nn.Module):
         elif routing.cold is not None:
             # only the other tokens: W0 x_in back (W_hot x - up (down x)), then their banks
             cold, sub = routing.cold  # [C], their routing
-            xc = x_in.index_select(0, cold)  # [C, in]
-            yc = torch.addmm(y.index_select(0, cold), xc @ hot.down.t(), hot.up.t(),
-                             alpha=-1.0)  # [C, out]
-            yc = self._after_base(banks, yc, xc, weight, sub, bias if late_bias else None)
+            span = routing.cold_span
+            if span is not None:  # one run (the engine's steps): views, nothing gathered
+                xc = x_in[span[0]:span[1]]  # [C, in]
+                yc = y[span[0]:span[1]].addmm_(xc @ hot.down.t(), hot.up.t(),
+                                               alpha=-1.0)  # [C, out], in place in y
+            else:
+                xc = x_in.index_select(0, cold)  # [C, in]
+                yc = torch.addmm(y.index_select(0, cold), xc @ hot.down.t(), hot.up.t(),
+                                 alpha=-1.0)  # [C, out]
+            done = self._after_base(banks, yc, xc, weight, sub, bias if late_bias else None)
             if late_bias and bias is not None:
-                y = y + bias  # the hot tokens' bias (the others' are in yc)
-            y.index_copy_(0, cold, yc)  # [N, out], in place: y is this layer's own
+                y = y + bias  # the hot tokens' bias (the others' are in ``done``)
+            if span is None:
+                y.index_copy_(0, cold, done)  # [N, out], in place: y is this layer's own
+            elif done is not yc or late_bias:
+                y[span[0]:span[1]] = done
         elif late_bias and bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], self.target.out_features)

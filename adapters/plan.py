@@ -119,8 +119,13 @@ class Routing:
         # With a hot merge beside other tokens: those tokens (``[C]``) and their own routing,
         # so the banks and the correction run on them alone (the hot tokens need neither).
         self.cold: tuple[torch.Tensor, Routing] | None = None
+        self.cold_span: tuple[int, int] | None = None  # the cold tokens, where one run
         if hot is not None and not all_hot:
-            self.cold = self._tokens(torch.nonzero(~hot).flatten())  # [C]
+            cold = torch.nonzero(~hot).flatten()  # [C] host
+            self.cold = self._tokens(cold)
+            first, last = int(cold[0]), int(cold[-1])
+            if last - first + 1 == int(cold.shape[0]):  # the engine packs hot rows first
+                self.cold_span = (first, last + 1)
         self._rows: dict[int, torch.Tensor] = {}
         self._ids: dict[tuple[int, ...], torch.Tensor] = {}
         self._subsets: dict[tuple[int, ...], tuple[torch.Tensor, Routing]] = {}

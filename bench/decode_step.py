@@ -37,7 +37,8 @@ the base step, timed alternately.
 ``--hot``: one decode step (batch ``--batch``, LoRA r16 on every projection) with one
 adapter at 75% of the rows (the others over 7 more) and at 100%: through slots vs merged
 into the step (``SlotPool.hot_merge``: W0 + dW_hot, the other rows corrected), timed
-alternately.
+alternately; rows in the engine's packed order (the hot adapter's rows first, each slot's
+rows together).
 
     python -m bench.decode_step --hot --batch 32 --prompt 128 --layers 8
 """
@@ -258,8 +259,9 @@ def hot(args: argparse.Namespace) -> list[dict[str, object]]:
 
     rows = []
     for share in (0.75, 1.0):
-        picks = [0 if share == 1.0 or i % 4 != 3 else 1 + (i // 4) % 7
-                 for i in range(args.batch)]  # adapter of each row
+        picks = sorted(0 if share == 1.0 or i % 4 != 3 else 1 + (i // 4) % 7
+                       for i in range(args.batch))  # adapter of each row, in the order
+        # the engine packs a step: by slot (through slots), the hot rows first (merged)
         flags = [p == 0 for p in picks]
         ms = paired_ms({
             "base": base_step.run,

@@ -256,8 +256,8 @@ class Stepper:
         a token. Changes no row: if it raises, the step can run again."""
         running = self.main.rows if decode else []
         b = len(running)
-        # one run per adapter slot (its decode rows, then its chunks): the banks read a
-        # slot's run as a view, where scattered tokens would be gathered
+        # one run per adapter slot (its decode rows, then its chunks), keyed (slot, hot):
+        # the banks read a slot's run as a view, where scattered tokens would be gathered
         groups: dict[tuple[int, bool], tuple[list[int], list[int]]] = {}
         for i, seq in enumerate(running):
             groups.setdefault((seq.slot, seq.hot), ([], []))[0].append(i)
@@ -269,7 +269,9 @@ class Stepper:
         at = [0] * b  # slab row i's token in the packed sequence
         starts = [0] * len(chunks)
         lengths = self.main.cache.lengths
-        for key in sorted(groups):
+        # the hot merge's rows first: every other token is then one run, which the layers'
+        # correction reads and writes as views (``Routing.cold_span``)
+        for key in sorted(groups, key=lambda k: (not k[1], k[0])):
             decoding, chunked = groups[key]
             for i in decoding:
                 at[i] = len(tokens)
