@@ -54,7 +54,8 @@ class PoolConfig(BaseModel):
                              "(banks.hadamard)")
     kernels: Choice = Field(
         "auto", description="backend of the banks' batched ops (tessera.adapters.ops): "
-                            "'auto' = Triton on CUDA where installed, else torch")
+                            "'auto' = Triton on CUDA where installed and its start-up "
+                            "probe passes, else torch")
 
 
 Part = tuple[Method[Any], MethodConfig, Tensors]

@@ -55,7 +55,8 @@ class EngineSettings(BaseSettings):
                              "many copies of the HUT-targeted weights; 0 = never")
     kernels: Choice = Field(
         "auto", description="backend of the adapter banks' batched ops: 'auto' = Triton "
-                            "kernels on CUDA where triton is installed, else torch; "
+                            "kernels on CUDA where triton is installed and a start-up "
+                            "probe of them passes, else torch; "
                             "'torch'; 'triton' (CUDA)")
     methods: list[str] | None = Field(
         None, description="adapter methods the slot pool allocates banks for (e.g. "
