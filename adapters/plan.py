@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Any
 
 import torch
 
@@ -34,6 +35,14 @@ def upload(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on ``device``: itself on the CPU, elsewhere an asynchronous copy (the
     host does not wait for the device's queued work)."""
     return values if values.device == device else values.to(device, non_blocking=True)
+
+
+def on_device(data: Any, device: torch.device, dtype: torch.dtype | None = None
+              ) -> torch.Tensor:
+    """``torch.tensor(data, dtype=dtype)`` on ``device`` through :func:`upload`: unlike
+    ``torch.tensor(data, device=...)`` (a blocking copy: on CUDA the host waits for every
+    queued kernel), the host goes on queueing work."""
+    return upload(torch.tensor(data, dtype=dtype), device)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from tessera.adapters.plan import on_device
+
 NAME = "tessera_packed"
 GROUP_COST = 64  # positions: the fixed cost of one more group (a gather, an SDPA call)
 
@@ -103,12 +105,12 @@ def plan(lengths: list[int], device: torch.device, dtype: torch.dtype,
     if not ends:
         return None
     order = sorted(range(len(lengths)), key=lengths.__getitem__)  # slab rows by length
-    all_lengths = torch.tensor(lengths, dtype=torch.long, device=device)  # [B]
+    all_lengths = on_device(lengths, device, torch.long)  # [B]
     width = lengths[order[base - 1]] + 1
     groups = [Group(None, width, _mask(all_lengths, width, dtype))]
     start = base
     for end in ends:
-        rows = torch.tensor(order[start:end], dtype=torch.long, device=device)  # [n]
+        rows = on_device(order[start:end], device, torch.long)  # [n]
         width = lengths[order[end - 1]] + 1
         groups.append(Group(rows, width, _mask(all_lengths[rows], width, dtype)))
         start = end

@@ -59,6 +59,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from tessera.adapters.plan import on_device
 from tessera.engine.attention import Chunk, LayerKV, PackedPlan, plan
 
 KV = tuple[torch.Tensor, torch.Tensor]  # ([B, H_kv, L, D], [B, H_kv, L, D])
@@ -251,9 +252,9 @@ class BatchCache:
         if decode and len(decode) != self.rows:
             raise ValueError(f"{len(decode)} decode positions for {self.rows} rows")
         rows = len(decode)
-        index = torch.tensor(decode, dtype=torch.long, device=device)  # [B]
+        index = on_device(decode, device, torch.long)  # [B]
         slabs: list[KV | None] = [None] * layers
-        lengths = torch.tensor(self.lengths[:rows], dtype=torch.long, device=device)  # [B]
+        lengths = on_device(self.lengths[:rows], device, torch.long)  # [B]
         width = self.width if rows else 0
         mask: torch.Tensor | None = None
         groups = None

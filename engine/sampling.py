@@ -45,6 +45,7 @@ from typing import Annotated
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tessera.adapters.plan import on_device
 from tessera.engine.errors import RequestValidationError, RowError
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy: 1/T would overflow the logits
@@ -163,7 +164,7 @@ class Sampler:
             self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
             prompt = [t for t in self.prompt if 0 <= t < vocab]
             if prompt:
-                self.seen[torch.tensor(prompt, device=device)] = True
+                self.seen[on_device(prompt, device)] = True
         return self.counts, self.seen
 
 
@@ -206,7 +207,7 @@ def pick_batch(logits: torch.Tensor, samplers: Sequence[Sampler]) -> Picked:
     tokens = x.argmax(dim=-1)  # [B] greedy (first maximum)
     sampled = [i for i, s in enumerate(samplers) if s.generator is not None]
     if sampled:
-        index = torch.tensor(sampled, device=x.device)  # [S]
+        index = on_device(sampled, x.device)  # [S]
         params = [samplers[i].params for i in sampled]
         rows = x.index_select(0, index)  # [S, V]
         rows = rows.masked_fill(bad.index_select(0, index).unsqueeze(-1), 0.0)  # finite
@@ -253,21 +254,21 @@ def _adjust(x: torch.Tensor, samplers: Sequence[Sampler]
     if not (banned[0] or biased[0] or rows):
         return x, None
     if banned[0]:
-        at = (torch.tensor(banned[0], device=device), torch.tensor(banned[1], device=device))
-        x = x.index_put(at, torch.tensor(float("-inf"), device=device))
+        at = (on_device(banned[0], device), on_device(banned[1], device))
+        x = x.index_put(at, on_device(float("-inf"), device))
     if biased[0]:
-        at = (torch.tensor(biased[0], device=device), torch.tensor(biased[1], device=device))
-        x = x.index_put(at, torch.tensor(biased[2], dtype=x.dtype, device=device),
+        at = (on_device(biased[0], device), on_device(biased[1], device))
+        x = x.index_put(at, on_device(biased[2], device, x.dtype),
                         accumulate=True)
     penalised = None
     if rows:
         states = [samplers[i].state(vocab, device) for i in rows]
-        index = torch.tensor(rows, device=device)  # [P]
+        index = on_device(rows, device)  # [P]
         counts = torch.stack([c for c, _ in states])  # [P, V] int32
         seen = torch.stack([m for _, m in states])  # [P, V] bool
         params = [samplers[i].params for i in rows]
-        rep, freq, pres = (torch.tensor([getattr(p, name) for p in params], dtype=x.dtype,
-                                        device=device).unsqueeze(1)  # [P, 1]
+        rep, freq, pres = (on_device([getattr(p, name) for p in params], device,
+                                     x.dtype).unsqueeze(1)  # [P, 1]
                            for name in ("repetition_penalty", "frequency_penalty",
                                         "presence_penalty"))
         sub = x.index_select(0, index)  # [P, V]
@@ -297,10 +298,10 @@ def _sample(x: torch.Tensor, params: Sequence[SamplingParams],
     logits) with one uniform per row -> token ids ``[S]``."""
     vocab = x.shape[1]
     device = x.device
-    temperature = torch.tensor([p.temperature for p in params], device=device)  # [S]
-    top_k = torch.tensor([p.top_k or vocab for p in params], device=device)  # [S]
-    top_p = torch.tensor([p.top_p for p in params], device=device)  # [S]
-    u = torch.tensor(uniforms, device=device)  # [S]
+    temperature = on_device([p.temperature for p in params], device)  # [S]
+    top_k = on_device([p.top_k or vocab for p in params], device)  # [S]
+    top_p = on_device([p.top_p for p in params], device)  # [S]
+    u = on_device(uniforms, device)  # [S]
     shifted = x - x.max(dim=-1, keepdim=True).values  # [S, V], <= 0: no overflow below
     scaled = shifted / temperature.unsqueeze(1)  # [S, V]
     ranked, order = torch.sort(scaled, dim=-1, descending=True, stable=True)  # [S, V] x2

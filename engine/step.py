@@ -3,7 +3,11 @@ packed token sequence — the next token of every running row (every adapter and
 a slot id per token) followed by the prompt chunks of joining rows (chunked prefill; a
 row's chunk attends to its earlier chunks' keys) — then sampling of every row that needs
 a token in one host transfer, and detokenization. No padding: each token runs at its own
-row's position (:mod:`tessera.engine.attention` splits the attention by part).
+row's position (:mod:`tessera.engine.attention` splits the attention by part). The
+step's inputs, its attention plan, the adapters' routing and the sampling parameters are
+built on the host and uploaded without waiting (``on_device``): on a GPU the host queues
+the whole step, and its one wait is the sampled tokens' transfer
+(``tests/engine/test_no_host_sync.py``).
 
 Rows of the hot adapter admitted while its merge is installed (:mod:`tessera.engine.hot`)
 have ``Row.hot`` set: they hold no slot and run on the merged weights, in the same forward
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tessera.adapters import SlotPool
+from tessera.adapters.plan import on_device
 from tessera.engine.detok import TextStream
 from tessera.engine.errors import RowError, StepError
 from tessera.engine.hot import Merge
@@ -290,11 +295,11 @@ class Stepper:
         keep = at + [specs[i].start + specs[i].length - 1 for i in sampled]
         device = self.base.device
         inputs = self.main.cache.packed(at, specs, self.base.layers, device, self.base.dtype)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)  # [1, T]
+        ids = on_device([tokens], device, torch.long)  # [1, T]
         with self.pool.use(torch.tensor([[s.slot for s in rows]]),  # slot per token [1, T]
                            hot=[s.hot for s in rows] if self.hot_key else None):
-            out = self.model(input_ids=ids, position_ids=torch.tensor([positions], device=device),
-                             logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
+            out = self.model(input_ids=ids, position_ids=on_device([positions], device),
+                             logits_to_keep=on_device(keep, device, torch.long),
                              **inputs.kwargs())
         logits = out.logits[0]  # [K, V]: decode rows (slab order), then the sampled chunks
         samplers = [s.sampler for s in running] + [chunks[i][0].sampler for i in sampled]

@@ -2,12 +2,14 @@
 
 The step the engine's step runner builds (``Stepper._forward``): its KV slab and attention
 plan (``BatchCache.packed``: rows of very different lengths, so attention is grouped by
-length), a prefill chunk beside the decode tokens, per-token slots of every method — run
-on a model and slot pool copied to PyTorch's ``meta`` device, where tensors have no values
-and any host read (``.item()``, ``.tolist()``, ``nonzero``) raises. Where the engine tests
-run on CUDA (``scripts/device-check``), the same step runs on the GPU with CUDA's
-synchronisation check set to raise inside the forward. The step's values are checked in
-``test_engine.py``; here, that nothing in it makes the host wait between layers."""
+length), its inputs uploaded from host lists, a prefill chunk beside the decode tokens,
+per-token slots of every method — run on a model and slot pool copied to PyTorch's
+``meta`` device, where tensors have no values and any host read (``.item()``,
+``.tolist()``, ``nonzero``) raises. Where the engine tests run on CUDA
+(``scripts/device-check``), the same step runs on the GPU with CUDA's synchronisation
+check set to raise from the step's inputs to its logits (a blocking copy to the device
+included). The step's values are checked in ``test_engine.py``; here, that nothing in it
+makes the host wait: the step's one wait is its sampled tokens' transfer."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from tessera.adapters import registry
+from tessera.adapters.plan import on_device
 from tessera.engine import attention
 from tessera.engine.kvcache import BatchCache, ChunkKV
 from tests.engine.conftest import DEVICE
@@ -54,19 +57,20 @@ def test_a_packed_step_over_the_slab_reads_nothing_back() -> None:
                   **inputs.kwargs())
         cache.add(inputs.chunk_kv(0), n)
 
-    # one step: every row's decode token, then a 20-token prefill chunk of a joining row
+    # one step: every row's decode token, then a 20-token prefill chunk of a joining row;
+    # its inputs built as the step runner builds them (host lists, uploaded), the cache's
+    # attention plan and the forward all inside the check
     decode, chunk = list(range(len(LENGTHS))), 20
-    inputs = cache.packed(decode, [ChunkKV(len(decode), chunk, None)], layers, WHERE,
-                          torch.float32)
-    assert inputs.plan.groups is not None and len(inputs.plan.groups.groups) > 1  # grouped
     slots = [*range(len(LENGTHS)), *(i % len(names) for i in range(chunk))]  # per token
     keep = [*decode, len(decode) + chunk - 1]  # the rows' logits and the chunk's last
-    ids = torch.zeros(1, len(slots), dtype=torch.long, device=WHERE)
-    positions = torch.zeros(1, len(slots), dtype=torch.long, device=WHERE)
-    keep_ids = torch.tensor(keep, device=WHERE)
-    with pool.use(torch.tensor([slots])), no_reads():
-        out = model(input_ids=ids, position_ids=positions, logits_to_keep=keep_ids,
-                    **inputs.kwargs())
+    with no_reads():
+        inputs = cache.packed(decode, [ChunkKV(len(decode), chunk, None)], layers, WHERE,
+                              torch.float32)
+        with pool.use(torch.tensor([slots])):
+            out = model(input_ids=on_device([[0] * len(slots)], WHERE),
+                        position_ids=on_device([list(range(len(slots)))], WHERE),
+                        logits_to_keep=on_device(keep, WHERE), **inputs.kwargs())
+    assert inputs.plan.groups is not None and len(inputs.plan.groups.groups) > 1  # grouped
     assert out.logits.shape == (1, len(keep), model.config.vocab_size)
     cache.advance()
     assert cache.lengths == [n + 1 for n in LENGTHS]
