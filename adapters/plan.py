@@ -248,7 +248,7 @@ class Routing:
         group, order, counts = self._sorted(active)
         length = max(counts)  # L
         routed = sum(counts)  # M
-        block = self._block(active, length)
+        block = self.block(active, length)
         starts = torch.tensor([0, *accumulate(counts[:-1])])  # [U] first sorted position
         tokens = order[:routed]  # [M]
         sorted_group = group[tokens]  # [M]
@@ -268,7 +268,7 @@ class Routing:
         self._segments[key] = found
         return found
 
-    def _block(self, active: list[int], length: int) -> tuple[int, int] | None:
+    def block(self, active: list[int], length: int) -> tuple[int, int] | None:
         """The tokens ``[start, stop)`` the padded layout of ``active`` is, if it is one
         (host-side, from the runs)."""
         first = self.spans[active[0]]

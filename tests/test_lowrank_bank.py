@@ -179,6 +179,30 @@ def test_segment_form_reads_an_even_block_as_views(ids: list[int],
     torch.testing.assert_close(got, plain_loop(factors, ids, h, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("ids", "solo"), [
+    ([0] * 24 + [1, 2, 3, 1, 2, 3, -1, 3], [0]),  # one tenant on 24 of 32 decode rows
+    ([1, 3] + [0] * 10 + [2] * 9 + [3, 1], [0, 2]),  # two prefill chunks beside strays
+    ([0] * 8 + [1] * 8 + [2] * 8 + [3] * 8, []),  # even runs in slot order: one block
+    ([0, 1, 2, 3] * 8, []),  # scattered decode rows: one gather-mode form
+    ([0] * 7 + [1, 2, 3] * 3, []),  # a run below MIN_RUN
+])
+def test_a_large_run_runs_alone_beside_the_gathered_others(ids: list[int],
+                                                           solo: list[int]) -> None:
+    """A skewed batch: slots holding one long run take it as views on their own, the
+    others share one gather-mode form (:func:`split_pays`); the result equals the loop."""
+    routing = routing_of(ids, 4)
+    gen = torch.Generator().manual_seed(len(ids))
+    bank = new_bank(4)
+    factors: Factors = {}
+    for slot, rank in enumerate((4, 2, 3, 1)):
+        write(bank, factors, slot, rank, gen)
+    assert bank.solo(routing, bank.active(routing)) == solo
+    x = torch.randn(len(ids), TARGET.in_features, generator=gen)  # [N, in]
+    h = torch.randn(len(ids), TARGET.out_features, generator=gen)  # [N, out]
+    got = bank.apply(h.clone(), x, x, routing)
+    torch.testing.assert_close(got, plain_loop(factors, ids, h, x), rtol=1e-5, atol=1e-5)
+
+
 Op = tuple[str, int, int]  # ("write", slot, rank) | ("evict", slot, 0) | ("forward", 0, 0)
 
 
