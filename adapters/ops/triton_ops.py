@@ -35,6 +35,19 @@ BLOCK_N = 64  # output features per expand program
 
 
 @triton.jit  # type: ignore[untyped-decorator]
+def _tile(order_ptr: Any, slots_ptr: Any, starts_ptr: Any, g: Any, m0: Any, length: Any,
+          BLOCK_M: tl.constexpr) -> Any:
+    """Group ``g``'s tokens ``[m0, m0 + BLOCK_M)``: its first sorted position, its slot,
+    the places ``[BM]``, which of them lie in the group, and their tokens ``[BM]``."""
+    start = tl.load(starts_ptr + g)
+    slot = tl.load(slots_ptr + g)
+    offs_m = m0 + tl.arange(0, BLOCK_M)  # [BM] places in the group
+    in_group = offs_m < length
+    token = tl.load(order_ptr + start + offs_m, mask=in_group, other=0)  # [BM]
+    return start, slot, offs_m, in_group, token
+
+
+@triton.jit  # type: ignore[untyped-decorator]
 def _shrink(x_ptr: Any, a_ptr: Any, low_ptr: Any, order_ptr: Any, slots_ptr: Any,
             starts_ptr: Any, lengths_ptr: Any, k_dim: Any, rank: Any, stride_x: Any,
             stride_as: Any, stride_ar: Any, stride_low: Any, BLOCK_M: tl.constexpr,
@@ -43,11 +56,8 @@ def _shrink(x_ptr: Any, a_ptr: Any, low_ptr: Any, order_ptr: Any, slots_ptr: Any
     m0 = tl.program_id(1) * BLOCK_M
     length = tl.load(lengths_ptr + g)
     if m0 < length:
-        start = tl.load(starts_ptr + g)
-        slot = tl.load(slots_ptr + g)
-        offs_m = m0 + tl.arange(0, BLOCK_M)  # [BM] places in the group
-        in_group = offs_m < length
-        token = tl.load(order_ptr + start + offs_m, mask=in_group, other=0)  # [BM]
+        start, slot, offs_m, in_group, token = _tile(order_ptr, slots_ptr, starts_ptr, g,
+                                                     m0, length, BLOCK_M)
         offs_r = tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, k_dim, BLOCK_K):
@@ -76,11 +86,8 @@ def _expand(low_ptr: Any, b_ptr: Any, out_ptr: Any, order_ptr: Any, slots_ptr: A
     m0 = tl.program_id(1) * BLOCK_M
     length = tl.load(lengths_ptr + g)
     if m0 < length:
-        start = tl.load(starts_ptr + g)
-        slot = tl.load(slots_ptr + g)
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        in_group = offs_m < length
-        token = tl.load(order_ptr + start + offs_m, mask=in_group, other=0)  # [BM]
+        start, slot, offs_m, in_group, token = _tile(order_ptr, slots_ptr, starts_ptr, g,
+                                                     m0, length, BLOCK_M)
         offs_r = tl.arange(0, BLOCK_R)
         offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
         low = tl.load(low_ptr + (start + offs_m)[:, None] * stride_low + offs_r[None, :],
