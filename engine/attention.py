@@ -27,11 +27,14 @@ sorted lengths, once per step on the host; the layers only follow it. When one g
 cheapest (rows of similar length, the usual case) there is no plan and the decode part
 runs one SDPA with the full mask.
 
+On the Triton kernels (``kernels``: ``auto`` on CUDA; :mod:`tessera.engine.ops`) the decode
+part is one kernel over the slab view instead: each (row, head) program reads its row's
+length on the device and walks only its positions, so there is no mask, no plan and no
+gather, and nothing in it depends on the longest row (the step's shape aside).
+
 The function is registered with transformers' attention interface as :data:`NAME` and set
 on the engine's model whatever implementation it was loaded with; without a packed plan
-(reference models, training, benchmarks of the plain model) it is plain ``sdpa``. A GPU
-varlen/paged kernel (FlashAttention's varlen, FlashInfer) replaces the per-part calls
-where one runs; the parts are the CPU's way to the same cost.
+(reference models, training, benchmarks of the plain model) it is plain ``sdpa``.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from tessera.adapters.ops import Backend
 from tessera.adapters.plan import on_device
+from tessera.engine import ops
 
 NAME = "tessera_packed"
 GROUP_COST = 64  # positions: the fixed cost of one more group (a gather, an SDPA call)
@@ -153,10 +158,13 @@ class PackedPlan:
     during the forward."""
 
     decode: torch.Tensor  # [B] long: the decode tokens' packed positions, in slab row order
-    decode_mask: torch.Tensor | None  # [B, 1, 1, W + 1] additive (None when decode == 0)
+    decode_mask: torch.Tensor | None  # [B, 1, 1, W + 1] additive (None: no decode tokens,
+    # or the Triton kernel, which reads ``lengths``)
     groups: DecodePlan | None  # decode attention grouped by row length; None: one group
     chunks: tuple[Chunk, ...]
     kv: tuple[LayerKV, ...]
+    lengths: torch.Tensor  # [B] long: each decode row's tokens before this step
+    kernel: Backend = "torch"  # the decode part's backend (tessera.engine.ops)
 
 
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -181,12 +189,18 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     out = query.new_empty((1, tokens, heads, dim))  # [1, T, H, D]
     index = packed_plan.decode  # [B]
     if index.numel():
-        assert kv.decode is not None and packed_plan.decode_mask is not None
-        q = query[0].index_select(1, index).transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-        part = decode_attention(module, q, *kv.decode, packed_plan.decode_mask,
-                                packed_plan.groups, dropout=dropout, scaling=scaling,
-                                **kwargs)  # [B, 1, H, D]
-        out[0].index_copy_(0, index, part[:, 0])
+        assert kv.decode is not None
+        q = query[0].index_select(1, index).transpose(0, 1)  # [B, H, D]
+        if packed_plan.kernel == "triton":  # each row over its own length, on the device
+            part = ops.decode("triton")(q, *kv.decode, packed_plan.lengths,
+                                        dim ** -0.5 if scaling is None else scaling)
+        else:
+            assert packed_plan.decode_mask is not None
+            part = decode_attention(module, q.unsqueeze(2), *kv.decode,
+                                    packed_plan.decode_mask, packed_plan.groups,
+                                    dropout=dropout, scaling=scaling,
+                                    **kwargs)[:, 0]  # [B, H, D]
+        out[0].index_copy_(0, index, part)
     for chunk, (keys, values) in zip(packed_plan.chunks, kv.chunks, strict=True):
         end = chunk.start + chunk.length
         part, _ = sdpa_attention_forward(  # [1, n, H, D]; no mask: causal

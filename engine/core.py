@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from tessera.adapters import Adapter, SlotPool
 from tessera.adapters.targets import TargetInfo
+from tessera.engine import ops
 from tessera.engine.detok import TextStream
 from tessera.engine.errors import (
     ContextLengthError,
@@ -71,6 +72,8 @@ class EngineStats:
     hot: HotStats | None = field(default=None)  # hot-tenant policy: merged adapters, share
     pool_bytes: int = 0  # the slot pool's bank tensors (fixed at start)
     derived_bytes: int = 0  # kept derived from the slots: stacked factors, HUT dense weights
+    kernels: str = "torch"  # the adapter banks' batched ops: torch or triton (``kernels``)
+    attention: str = "torch"  # the decode attention's backend (tessera.engine.ops)
 
 
 class Engine:
@@ -96,7 +99,8 @@ class Engine:
         self._slots = SlotManager(pool, self._loads, on_change=self._wake)
         self._hot = HotTenants(self.settings, pool, self._loads,
                                on_change=self._wake)
-        stepper = Stepper(self._base, pool, self.settings.kv_budget())
+        attention = ops.resolve(pool.backend, self._base.device, self._base.dtype)
+        stepper = Stepper(self._base, pool, self.settings.kv_budget(), attention)
         scheduler = Scheduler(self.settings, stepper, self._slots, self._forward,
                               hot_of=self._hot.wanted, observers=[self._record])
         self._scheduler = scheduler
@@ -104,6 +108,7 @@ class Engine:
         self._hot.start()
         log.info("engine started", extra={"model": self._base.name,
                                           "slots": self.settings.num_slots,
+                                          "kernels": pool.backend, "attention": attention,
                                           "pool_bytes": pool.nbytes})
 
     async def stop(self, drain_timeout: float | None = None) -> None:
@@ -289,7 +294,8 @@ class Engine:
             preemptions=s.preemptions, max_slots=self.settings.num_slots,
             running_adapters=_keys([*scheduler.stepper.running, *scheduler.prefilling]),
             waiting_adapters=_keys(scheduler.waiting), hot=self.hot.stats(),
-            pool_bytes=slots.pool.nbytes, derived_bytes=slots.pool.derived_nbytes)
+            pool_bytes=slots.pool.nbytes, derived_bytes=slots.pool.derived_nbytes,
+            kernels=slots.pool.backend, attention=scheduler.stepper.attention)
 
 
 def _keys(rows: Iterable[Row]) -> tuple[str, ...]:

@@ -32,7 +32,9 @@ and is recomputed later from its prompt and the tokens it already produced (same
 no error). Why a slab and not paged blocks on this path: without a paged-attention kernel
 (none runs on the CPU), attention over blocks must first gather each row's blocks into a
 contiguous ``[B, H, W, D]`` tensor every layer of every step, the very copy the slab
-removed; a paged kernel (FlashAttention/FlashInfer on CUDA) is where blocks pay.
+removed; a paged kernel is where blocks pay. The engine's Triton decode kernel
+(:mod:`tessera.engine.ops`, CUDA) reads slab rows by stride today; a block table is the
+step it lacks to read blocks instead.
 Measured (``python -m bench.kv_layout --reps 12``: the decode attention of 8 layers, 32
 rows, 16 heads x 64, fp32, 2 threads; the best paged form found — token-major block pools,
 rows cut into groups whose gathered keys stay in the last-level cache, a preallocated
@@ -59,6 +61,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from tessera.adapters.ops import Backend
 from tessera.adapters.plan import on_device
 from tessera.engine.attention import Chunk, LayerKV, PackedPlan, plan
 
@@ -168,9 +171,11 @@ class PackedInputs:
 
 
 class BatchCache:
-    def __init__(self, limit: int | None = None, *, grouped: bool = True) -> None:
+    def __init__(self, limit: int | None = None, *, grouped: bool = True,
+                 kernel: Backend = "torch") -> None:
         self.limit = limit  # most token positions (rows x length) the slabs may allocate
         self.grouped = grouped  # the model runs tessera.engine.attention: plan by length
+        self.kernel = kernel  # decode attention's backend: "triton" reads lengths itself
         self.clear()
 
     def clear(self) -> None:
@@ -248,7 +253,8 @@ class BatchCache:
         token of every row, row ``i``'s at packed position ``decode[i]`` (``[]``: no decode
         tokens), and ``chunks``. The decode part's additive mask is 0 where a row attends
         (its tokens and its new one) and the dtype's minimum elsewhere; with ``grouped``,
-        its attention is grouped by row length."""
+        its attention is grouped by row length. On the Triton kernel (``kernel``) there is
+        neither: it reads each row's length on the device."""
         if decode and len(decode) != self.rows:
             raise ValueError(f"{len(decode)} decode positions for {self.rows} rows")
         rows = len(decode)
@@ -261,6 +267,7 @@ class BatchCache:
         if rows:
             self._reserve(self.rows, width + 1, self.layers)
             slabs = list(self.layers)
+        if rows and self.kernel == "torch":
             span = torch.arange(width + 1, device=device).unsqueeze(0)  # [1, W + 1]
             attend = span <= lengths.unsqueeze(1)  # [B, W + 1]: its tokens and the new one
             mask = torch.zeros(attend.shape, dtype=dtype, device=device).masked_fill(
@@ -275,7 +282,8 @@ class BatchCache:
                 kv[i]))
         spec = tuple(Chunk(c.start, c.length, _chunk_mask(c.length, c.past_length, device,
                                                           dtype)) for c in chunks)
-        return PackedInputs(cache, PackedPlan(index, mask, groups, spec, kv), device, dtype)
+        return PackedInputs(cache, PackedPlan(index, mask, groups, spec, kv, lengths,
+                                              self.kernel), device, dtype)
 
     def advance(self) -> None:
         """After a successful decode step: every row grew by its new token."""

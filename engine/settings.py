@@ -54,10 +54,11 @@ class EngineSettings(BaseSettings):
                              "adapters (one GEMM instead of r per token); memory: up to this "
                              "many copies of the HUT-targeted weights; 0 = never")
     kernels: Choice = Field(
-        "auto", description="backend of the adapter banks' batched ops: 'auto' = Triton "
-                            "kernels on CUDA where triton is installed and a start-up "
-                            "probe of them passes, else torch; "
-                            "'torch'; 'triton' (CUDA)")
+        "auto", description="backend of the adapter banks' batched ops and of the decode "
+                            "attention: 'auto' = Triton kernels on CUDA where triton is "
+                            "installed and a start-up probe of them passes, else torch; "
+                            "'torch'; 'triton' (CUDA; the attention keeps torch where its "
+                            "own probe fails)")
     methods: list[str] | None = Field(
         None, description="adapter methods the slot pool allocates banks for (e.g. "
                           '["lora", "dora"]); None = every registered method')

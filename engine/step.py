@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tessera.adapters import SlotPool
+from tessera.adapters.ops import Backend
 from tessera.adapters.plan import on_device
 from tessera.engine.detok import TextStream
 from tessera.engine.errors import RowError, StepError
@@ -142,16 +143,18 @@ class Stepper:
     """Owns the running batch (its rows and KV caches); used only from the forward thread
     (and from the loop while no step runs)."""
 
-    def __init__(self, base: LoadedModel, pool: SlotPool, budget: KVBudget) -> None:
+    def __init__(self, base: LoadedModel, pool: SlotPool, budget: KVBudget,
+                 attention: Backend = "torch") -> None:
         self.base = base
         self.pool = pool
         self.budget = budget
+        self.attention = attention  # decode attention's backend (tessera.engine.ops)
         self.model = base.model
         self.main = Group(self._batch_cache())
         self.hot_key: str | None = None  # adapter of the hot merge installed in the pool
 
     def _batch_cache(self) -> BatchCache:
-        return BatchCache(limit=self.budget.tokens)
+        return BatchCache(limit=self.budget.tokens, kernel=self.attention)
 
     @property
     def running(self) -> list[Row]:

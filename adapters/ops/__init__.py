@@ -62,16 +62,36 @@ def triton_runs(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.cache
-def triton_agrees(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether the Triton ``lora`` op runs on ``device_type`` in ``dtype`` and equals the
-    torch backend's on a small mixed case (three slots, base tokens, a group past one
-    block; probed once). A failure is logged, never raised."""
-    from tessera.adapters.plan import Routing
+# a probe's case: (the Triton op's result, the torch op's) on a device, in a dtype
+Case = Callable[[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
 
+
+def agrees(what: str, case: Case, device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels of ``what`` run on ``device_type`` in ``dtype`` and equal
+    the torch backend's on ``case``. A failure is logged, never raised: the caller keeps
+    its torch forms."""
     device = torch.device(device_type)
     if not triton_runs(device):
         return False
+    try:
+        got, want = case(device, dtype)
+    except Exception as exc:  # compile or launch failure: keep the torch forms
+        log.warning("Triton kernels unavailable; torch forms",
+                    extra={"op": what, "device": device_type, "dtype": str(dtype),
+                           "error": repr(exc)})
+        return False
+    rtol = 1e-4 if dtype == torch.float32 else 3e-2
+    agree = bool(torch.allclose(got.float(), want.float(), rtol=rtol, atol=rtol * 10))
+    if not agree:
+        log.warning("Triton kernels disagree with torch; torch forms",
+                    extra={"op": what, "device": device_type, "dtype": str(dtype)})
+    return agree
+
+
+def _lora_case(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three slots, base tokens, a group past one block."""
+    from tessera.adapters.plan import Routing
+
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(4, 8, 40, generator=gen)  # [S + 1, r_max, in]
     b = torch.randn(4, 72, 8, generator=gen)  # [S + 1, out, r_max]
@@ -81,19 +101,15 @@ def triton_agrees(device_type: str, dtype: torch.dtype) -> bool:
     a, b, x, h = (t.to(device, dtype) for t in (a, b, x, h))
     slots = torch.tensor([2] * 17 + [0, -1, 1, 0, -1, 1])  # [N]
     groups = Routing(slots, 3, 0, device=device).groups([0, 1, 2])
-    try:
-        got = lora("triton")(h, x, a, b, groups, 6)  # [N, out]
-    except Exception as exc:  # compile or launch failure: keep the torch forms
-        log.warning("Triton LoRA kernels unavailable; torch forms",
-                    extra={"device": device_type, "dtype": str(dtype), "error": repr(exc)})
-        return False
-    want = lora("torch")(h, x, a, b, groups, 6)  # [N, out]
-    rtol = 1e-4 if dtype == torch.float32 else 3e-2
-    agree = bool(torch.allclose(got.float(), want.float(), rtol=rtol, atol=rtol * 10))
-    if not agree:
-        log.warning("Triton LoRA kernels disagree with torch; torch forms",
-                    extra={"device": device_type, "dtype": str(dtype)})
-    return agree
+    return (lora("triton")(h, x, a, b, groups, 6),  # [N, out]
+            lora("torch")(h, x, a, b, groups, 6))
+
+
+@functools.cache
+def triton_agrees(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the Triton ``lora`` op runs on ``device_type`` in ``dtype`` and equals the
+    torch backend's on a small mixed case (probed once)."""
+    return agrees("lora", _lora_case, device_type, dtype)
 
 
 def resolve(choice: Choice, device: torch.device, dtype: torch.dtype = torch.float32

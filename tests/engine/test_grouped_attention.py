@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tessera.adapters.ops import Backend
 from tessera.engine import attention
 from tessera.engine.attention import cuts, decode_attention, packed_attention, plan
 from tessera.engine.kvcache import BatchCache, ChunkKV
@@ -124,17 +125,19 @@ def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
 @pytest.mark.parametrize("lengths", [[3, 300, 5, 7], [9, 12, 10]])  # grouped, one group
+@pytest.mark.parametrize("kernel", ["torch", "triton"])  # Triton: interpreted on a CPU
 def test_packed_step_attention_equals_per_token_attention(
-        heads: tuple[int, int], lengths: list[int]) -> None:
+        heads: tuple[int, int], lengths: list[int], kernel: Backend) -> None:
     """Decode rows of the slab (their tokens in another order than their slab rows), a
     chunk that starts a row (causal) and one that continues a row (its earlier keys, then
     causal), interleaved in the packed sequence: every token attends to exactly its row's
     keys up to its own position; the slab gets each decode row's new key at its length and
-    the chunks' rows their new keys, nothing else."""
+    the chunks' rows their new keys, nothing else. The Triton kernel's decode part needs no
+    mask and no plan."""
     h, h_kv = heads
     d = 8
     gen = torch.Generator().manual_seed(1)
-    cache = BatchCache()
+    cache = BatchCache(kernel=kernel)
     for n in lengths:
         cache.add([(torch.randn(1, h_kv, n, d, generator=gen),
                     torch.randn(1, h_kv, n, d, generator=gen))], n)
@@ -151,7 +154,10 @@ def test_packed_step_attention_equals_per_token_attention(
     key = torch.randn(1, h_kv, tokens, d, generator=gen)
     value = torch.randn(1, h_kv, tokens, d, generator=gen)
     inputs = cache.packed(at, chunks, 1, torch.device("cpu"), torch.float32)
-    assert (inputs.plan.groups is not None) == (max(lengths) > 100)
+    if kernel == "torch":
+        assert (inputs.plan.groups is not None) == (max(lengths) > 100)
+    else:
+        assert inputs.plan.groups is None and inputs.plan.decode_mask is None
     inputs.cache.layers[0].update(key, value)
     out, _ = packed_attention(_Attention(h // h_kv), query, key, value, None,
                               scaling=1 / math.sqrt(d), packed_plan=inputs.plan)
