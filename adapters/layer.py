@@ -9,7 +9,8 @@ from torch import nn
 
 from tessera.adapters import kernels
 from tessera.adapters.banks.base import Bank
-from tessera.adapters.plan import Routing, StepMeta
+from tessera.adapters.banks.lowrank import LowRankBank
+from tessera.adapters.plan import Groups, Routing, StepMeta
 from tessera.adapters.targets import TargetInfo, bias_of, weight_of
 
 STAGES = ("input", "delta", "scale", "output")
@@ -39,6 +40,9 @@ class AdapterLayer(nn.Module):
         if plan is None:
             return self.base(x)  # type: ignore[no-any-return]
         flat = x.reshape(-1, self.target.in_features)  # [N, in]
+        if plan.static is not None:  # one fixed form, whatever the step's slots
+            return self._static(flat, plan.static).reshape(*x.shape[:-1],
+                                                           self.target.out_features)
         routing = plan.routing(flat.shape[0])
         banks = [b for b in self.staged if not b.occupied.isdisjoint(routing.unique_set)]
         hot = self.meta.hot.get(self.target.path) if routing.hot is not None else None
@@ -80,6 +84,15 @@ class AdapterLayer(nn.Module):
         elif late_bias and bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], self.target.out_features)
+
+    def _static(self, flat: torch.Tensor, groups: Groups) -> torch.Tensor:
+        """A static step (:meth:`StepMeta.begin_static`): ``W0 x + b`` and the low-rank
+        bank over every slot's group ``[N, out]``."""
+        y = self.base_linear(flat, bias_of(self.base))  # [N, out]
+        bank = self.by_kind.get("lowrank")
+        if not isinstance(bank, LowRankBank):
+            return y
+        return bank.apply_static(y, flat, groups)
 
     @property
     def packed(self) -> torch.Tensor | None:

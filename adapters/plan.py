@@ -289,11 +289,15 @@ class SlotPlan:
 
     def __init__(self, host: torch.Tensor, slot_ids: torch.Tensor, num_slots: int,
                  gather_budget: int, hot: torch.Tensor | None = None,
-                 all_hot: bool = False) -> None:
+                 all_hot: bool = False, static: Groups | None = None) -> None:
         self.host = host.reshape(-1)  # [n] long, CPU
         self.slot_ids = slot_ids.reshape(-1)  # [n] long, device
         self.hot = None if hot is None else hot.reshape(-1)  # [n] bool, CPU
         self.all_hot = all_hot
+        # A static plan (a step a CUDA graph replays): the tokens grouped over every slot
+        # in buffers the caller owns and refills; the layers run one fixed form on it
+        # (:meth:`StepMeta.begin_static`)
+        self.static = static
         self.num_slots = num_slots
         self.gather_budget = gather_budget
         self._routing: dict[int, Routing] = {}
@@ -355,6 +359,26 @@ class StepMeta:
         plan = SlotPlan(flat, ids, self.num_slots, self.gather_budget, hot_flags,
                         all_hot=hot_flags is not None and all(hot or ()))
         plan.routing(n)  # routed before the forward (per-token ids, or T = 1)
+        self.plan = plan
+        return plan
+
+    def begin_static(self, host: torch.Tensor, slot_ids: torch.Tensor,
+                     groups: Groups) -> SlotPlan:
+        """Route a step whose every device input sits in buffers the caller owns and
+        refills before each run (a step captured in a CUDA graph and replayed): ``host``
+        ``[n]`` the slot ids on the host, ``slot_ids`` ``[n]`` the same in the caller's
+        device buffer, ``groups`` the tokens sorted by slot over every slot ``[0, S)``
+        (``slots`` = ``arange(S)``, a slot without tokens a group of length 0; grid sized
+        by ``longest`` = ``n``). Every token's slot holds low-rank data only and no hot
+        merge is installed (the caller checks): each wrapped layer then runs its low-rank
+        bank on ``groups`` whatever the step's slots are (an unoccupied slot's rows are
+        zero: exactly ``h``), so the layers' work depends on ``n`` alone."""
+        if self.plan is not None:
+            raise PoolError("this pool is already routing a forward (one at a time)")
+        if self.hot:
+            raise PoolError("a static step runs without a hot merge")
+        plan = SlotPlan(host.reshape(-1), slot_ids, self.num_slots, self.gather_budget,
+                        static=groups)
         self.plan = plan
         return plan
 

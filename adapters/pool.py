@@ -32,7 +32,7 @@ from tessera.adapters.errors import AdapterValidationError, PoolError
 from tessera.adapters.layer import AdapterLayer
 from tessera.adapters.method import Adapter, Limits, Method, MethodConfig, SlotData, Tensors
 from tessera.adapters.ops import Choice
-from tessera.adapters.plan import HotDelta, SlotPlan, StepMeta
+from tessera.adapters.plan import Groups, HotDelta, SlotPlan, StepMeta
 from tessera.adapters.validation import check_lowered, validate_component
 
 
@@ -116,6 +116,7 @@ class SlotPool:
             setattr(parent, child, layer)
             self.layers[path] = layer
         self.resident: list[Adapter | None] = [None] * config.num_slots
+        self.kinds: list[frozenset[str]] = [frozenset()] * config.num_slots  # banks a slot fills
 
     @property
     def num_slots(self) -> int:
@@ -181,6 +182,7 @@ class SlotPool:
             self.evict(slot)
             raise
         self.resident[slot] = prepared.adapter
+        self.kinds[slot] = frozenset(kind for _, kind in prepared.data)
 
     def load(self, slot: int, adapter: Adapter) -> None:
         self.write(slot, self.prepare(adapter))
@@ -192,6 +194,7 @@ class SlotPool:
                 if slot in bank.occupied:
                     bank.clear(slot)
         self.resident[slot] = None
+        self.kinds[slot] = frozenset()
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
@@ -229,6 +232,26 @@ class SlotPool:
         if self.meta.plan is not None:
             raise PoolError("the hot merge changes between forwards only")
         self.meta.hot = dict(merged or {})
+
+    def static_ok(self, slots: list[int]) -> bool:
+        """Whether a step whose tokens use ``slots`` (host; -1 = base) can run as a static
+        step (:meth:`use_static`): the banks run the Triton kernels, no hot merge is
+        installed, and every slot used holds low-rank data only (LoRA, rsLoRA, HRA)."""
+        return (self.backend == "triton" and not self.meta.hot
+                and all(s < 0 or self.kinds[s] == {"lowrank"} for s in set(slots)))
+
+    @contextmanager
+    def use_static(self, host: torch.Tensor, slot_ids: torch.Tensor,
+                   groups: Groups) -> Iterator[SlotPlan]:
+        """Route the forwards inside the block as a static step (a CUDA graph's capture
+        and replays): ``host`` ``[n]`` slot ids on the host, ``slot_ids`` and ``groups``
+        device buffers the caller owns (:meth:`StepMeta.begin_static`); the caller checks
+        :meth:`static_ok` first."""
+        plan = self.meta.begin_static(host, slot_ids, groups)
+        try:
+            yield plan
+        finally:
+            self.meta.end()
 
     @contextmanager
     def use(self, slot_ids: torch.Tensor | list[int],

@@ -34,6 +34,10 @@ tokens each (``ignore_eos``), all submitted at once. Systems:
 an engine with the torch forms (``tessera.adapters.ops``; Triton needs CUDA, or
 ``TRITON_INTERPRET=1`` on a CPU for a smoke run).
 
+``--decode-graphs auto off``: the engine with decode steps as CUDA graphs where they can
+be (``auto``, the default; ``tessera.engine.graphs``), and the base and LoRA rows again on
+an engine without them (``off``).
+
 ``--device cuda --dtype bfloat16`` runs the engine and the transformers/PEFT peers on a GPU
 (without the packed-linears copy and vLLM's CPU build, both CPU-only);
 ``scripts/device-check`` runs it on a 1B-class model (``--hidden 2048 --layers 16``).
@@ -182,8 +186,11 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
             max_rank=16, max_batch_rows=args.requests, max_queue=4 * args.requests,
             context_limit=args.prompt + args.new + 8, hot_merge=False,
             methods=sorted(methods), max_tokens_limit=args.new, default_max_tokens=args.new,
-            kernels=args.kernels[0])
+            kernels=args.kernels[0], decode_graphs=args.decode_graphs[0])
         engines = [Engine(settings.model_copy(update={"kernels": k})) for k in args.kernels]
+        graphed = [Engine(settings.model_copy(update={"decode_graphs": g}))
+                   for g in args.decode_graphs[1:]]  # the same rows with other graphs
+        engines += graphed
         for started in engines:
             await started.start()
         engine = engines[0]
@@ -195,7 +202,13 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
         for n in args.adapters:
             systems[f"tessera {n} LoRA r16"] = (
                 lambda n=n: run_engine(engine, args, adapters[:n]))  # type: ignore[misc]
-        for k, other in zip(args.kernels[1:], engines[1:], strict=True):
+        for g, other in zip(args.decode_graphs[1:], graphed, strict=True):
+            systems[f"tessera base, graphs {g}"] = lambda e=other: run_engine(  # type: ignore[misc]
+                e, args, [])
+            for n in args.adapters:
+                systems[f"tessera {n} LoRA r16, graphs {g}"] = (
+                    lambda n=n, e=other: run_engine(e, args, adapters[:n]))  # type: ignore[misc]
+        for k, other in zip(args.kernels[1:], engines[1:len(args.kernels)], strict=True):
             for n in args.adapters:  # the same rows on another kernel backend
                 systems[f"tessera {n} LoRA r16, {k} kernels"] = (
                     lambda n=n, e=other: run_engine(e, args, adapters[:n]))  # type: ignore[misc]
@@ -293,6 +306,9 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", choices=["auto", "torch", "triton"],
                         default=["auto"], help="the adapter banks' kernel backend; each "
                         "further one adds the LoRA rows on an engine of its own")
+    parser.add_argument("--decode-graphs", nargs="+", choices=["auto", "eager", "off"],
+                        default=["auto"], help="decode steps as CUDA graphs; each further "
+                        "one adds the base and LoRA rows on an engine of its own")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)

@@ -37,6 +37,7 @@ from tessera.engine.errors import (
     PromptTooLargeError,
     RequestValidationError,
 )
+from tessera.engine.graphs import build as build_graphs
 from tessera.engine.hot import HotStats, HotTenants
 from tessera.engine.model import LoadedModel, load_base
 from tessera.engine.requests import AdapterSpec, GenerationRequest, RequestHandle
@@ -74,6 +75,8 @@ class EngineStats:
     derived_bytes: int = 0  # kept derived from the slots: stacked factors, HUT dense weights
     kernels: str = "torch"  # the adapter banks' batched ops: torch or triton (``kernels``)
     attention: str = "torch"  # the decode attention's backend (tessera.engine.ops)
+    graph_steps: int = 0  # decode steps run static (tessera.engine.graphs): replayed graphs
+    graph_captures: int = 0  # CUDA graphs captured (one per padded size and slab)
 
 
 class Engine:
@@ -100,7 +103,11 @@ class Engine:
         self._hot = HotTenants(self.settings, pool, self._loads,
                                on_change=self._wake)
         attention = ops.resolve(pool.backend, self._base.device, self._base.dtype)
-        stepper = Stepper(self._base, pool, self.settings.kv_budget(), attention)
+        base = self._base
+        graphs = build_graphs(self.settings.decode_graphs, base.model, pool, attention,
+                              base.layers, base.device, base.dtype,
+                              self.settings.max_batch_rows)
+        stepper = Stepper(base, pool, self.settings.kv_budget(), attention, graphs)
         scheduler = Scheduler(self.settings, stepper, self._slots, self._forward,
                               hot_of=self._hot.wanted, observers=[self._record])
         self._scheduler = scheduler
@@ -109,6 +116,8 @@ class Engine:
         log.info("engine started", extra={"model": self._base.name,
                                           "slots": self.settings.num_slots,
                                           "kernels": pool.backend, "attention": attention,
+                                          "decode_graphs": graphs is not None and (
+                                              "captured" if graphs.capture else "eager"),
                                           "pool_bytes": pool.nbytes})
 
     async def stop(self, drain_timeout: float | None = None) -> None:
@@ -280,6 +289,7 @@ class Engine:
     def stats(self) -> EngineStats:
         scheduler, slots = self.scheduler, self.slots
         s = scheduler.stats
+        graphs = scheduler.stepper.graphs
         return EngineStats(
             queue_depth=len(scheduler.waiting), running_rows=len(scheduler.stepper.running),
             prefilling_rows=len(scheduler.prefilling), steps=s.steps,
@@ -295,7 +305,9 @@ class Engine:
             running_adapters=_keys([*scheduler.stepper.running, *scheduler.prefilling]),
             waiting_adapters=_keys(scheduler.waiting), hot=self.hot.stats(),
             pool_bytes=slots.pool.nbytes, derived_bytes=slots.pool.derived_nbytes,
-            kernels=slots.pool.backend, attention=scheduler.stepper.attention)
+            kernels=slots.pool.backend, attention=scheduler.stepper.attention,
+            graph_steps=graphs.steps if graphs else 0,
+            graph_captures=graphs.captures if graphs else 0)
 
 
 def _keys(rows: Iterable[Row]) -> tuple[str, ...]:

@@ -112,6 +112,14 @@ class PackedLayer(DynamicLayer):
         self.chunks = chunks  # (start, length, the row's keys/values so far or None)
         self.kv = kv
 
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                            *args: object, **kwargs: object) -> None:
+        """As ``DynamicLayer``'s, without its ``torch.tensor([])`` (a tensor made from host
+        data inside the forward: a copy to the device, none in a captured step)."""
+        self.device = key_states.device
+        self.keys, self.values = key_states.new_empty(0), value_states.new_empty(0)
+        self.is_initialized = True
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
@@ -176,11 +184,14 @@ class BatchCache:
         self.limit = limit  # most token positions (rows x length) the slabs may allocate
         self.grouped = grouped  # the model runs tessera.engine.attention: plan by length
         self.kernel = kernel  # decode attention's backend: "triton" reads lengths itself
+        self.generation = 0  # bumped whenever the slabs are new tensors (captured graphs
+        # read them by address: tessera.engine.graphs)
         self.clear()
 
     def clear(self) -> None:
         self.layers: list[KV] = []  # per layer (keys, values) slabs [R, H_kv, C, D]
         self.lengths: list[int] = []  # real tokens per row (its next position id)
+        self.generation += 1
 
     @property
     def rows(self) -> int:
@@ -223,6 +234,14 @@ class BatchCache:
                 gv[:b, :, :w] = old_v[:b, :, :w]
             grown.append((gk, gv))
         self.layers = grown
+        self.generation += 1
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Hold ``rows`` rows of ``length`` tokens without growing (a static step's padded
+        rows write their keys into free slab rows ``[B, rows)``); needs a row already."""
+        if not self.layers:
+            raise ValueError("no slab yet: add a row first")
+        self._reserve(rows, length, self.layers)
 
     def add(self, row: list[KV], length: int) -> None:
         """Append one prefilled row (``[1, H, length, D]`` per layer) as the last row."""
@@ -284,6 +303,22 @@ class BatchCache:
                                                           dtype)) for c in chunks)
         return PackedInputs(cache, PackedPlan(index, mask, groups, spec, kv, lengths,
                                               self.kernel), device, dtype)
+
+    def static(self, rows: int, index: torch.Tensor, lengths: torch.Tensor, layers: int,
+               device: torch.device, dtype: torch.dtype) -> PackedInputs:
+        """The cache and plan of a decode-only step over ``rows`` slab rows (the running
+        ones, then padding rows) whose device inputs are the caller's buffers: ``index``
+        ``[rows]`` (slab row ``i``'s packed position) and ``lengths`` ``[rows]``. Attention
+        runs the Triton decode kernel, which reads the lengths on the device, so nothing
+        here depends on them: the step a CUDA graph captures once and replays
+        (:mod:`tessera.engine.graphs`). The slabs must hold ``rows`` rows (:meth:`reserve`)."""
+        kv = tuple(LayerKV() for _ in range(layers))
+        cache = DynamicCache()
+        width = self.capacity[1] - 1  # the views span the slab: the kernel reads lengths
+        for i in range(layers):
+            cache.layers.append(PackedLayer(self.layers[i], lengths, index, width, [], kv[i]))
+        return PackedInputs(cache, PackedPlan(index, None, None, (), kv, lengths, "triton"),
+                            device, dtype)
 
     def advance(self) -> None:
         """After a successful decode step: every row grew by its new token."""

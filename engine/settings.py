@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tessera.adapters import PoolConfig
 from tessera.adapters.ops import Choice
+from tessera.engine.graphs import Mode
 from tessera.engine.kvcache import KVBudget
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -59,6 +60,12 @@ class EngineSettings(BaseSettings):
                             "installed and a start-up probe of them passes, else torch; "
                             "'torch'; 'triton' (CUDA; the attention keeps torch where its "
                             "own probe fails)")
+    decode_graphs: Mode = Field(
+        "auto", description="decode steps as CUDA graphs (tessera.engine.graphs): 'auto' = "
+                            "captured on CUDA where the adapter banks and the decode "
+                            "attention run the Triton kernels (steps using LoRA, rsLoRA, "
+                            "HRA or no adapter; others run eagerly); 'eager' = the same "
+                            "static steps, not captured (tests, debugging); 'off'")
     methods: list[str] | None = Field(
         None, description="adapter methods the slot pool allocates banks for (e.g. "
                           '["lora", "dora"]); None = every registered method')

@@ -38,6 +38,7 @@ from tessera.adapters.ops import Backend
 from tessera.adapters.plan import on_device
 from tessera.engine.detok import TextStream
 from tessera.engine.errors import RowError, StepError
+from tessera.engine.graphs import DecodeGraphs
 from tessera.engine.hot import Merge
 from tessera.engine.kvcache import KV, BatchCache, ChunkKV, KVBudget, PackedInputs
 from tessera.engine.model import LoadedModel
@@ -121,7 +122,7 @@ class Forward:
 
     running: list[Row]  # decode rows, in slab order
     chunks: list[tuple[Row, int]]  # (row, prompt tokens), in the plan's order
-    inputs: PackedInputs  # the chunks' rows' keys/values
+    inputs: PackedInputs | None  # the chunks' rows' keys/values (None: a static step)
     picked: Picked | None  # decode rows first, then the rows of ``sampled``
     sampled: dict[int, int]  # chunk index -> its row in ``picked`` (prompt done, sampled)
 
@@ -144,11 +145,12 @@ class Stepper:
     (and from the loop while no step runs)."""
 
     def __init__(self, base: LoadedModel, pool: SlotPool, budget: KVBudget,
-                 attention: Backend = "torch") -> None:
+                 attention: Backend = "torch", graphs: DecodeGraphs | None = None) -> None:
         self.base = base
         self.pool = pool
         self.budget = budget
         self.attention = attention  # decode attention's backend (tessera.engine.ops)
+        self.graphs = graphs  # static decode steps (CUDA graphs); None: every step eager
         self.model = base.model
         self.main = Group(self._batch_cache())
         self.hot_key: str | None = None  # adapter of the hot merge installed in the pool
@@ -295,6 +297,14 @@ class Stepper:
         specs = [ChunkKV(starts[j], count, seq.kv) for j, (seq, count) in enumerate(chunks)]
         sampled = [i for i, (seq, count) in enumerate(chunks)  # prompt done (not recomputed)
                    if seq.prefilled + count == len(seq.pending) and seq.resume is None]
+        if not chunks and self.graphs is not None:  # decode only: a static step?
+            slots = [s.slot for s in rows]
+            n = self.graphs.size(self.main.cache, slots)
+            found = None if n is None else self.graphs.run(self.main.cache, n, tokens,
+                                                           positions, slots, at)
+            if found is not None:  # [B, V], slab order
+                return Forward(running, [], None,
+                               pick_batch(found, [s.sampler for s in running]), {})
         keep = at + [specs[i].start + specs[i].length - 1 for i in sampled]
         device = self.base.device
         inputs = self.main.cache.packed(at, specs, self.base.layers, device, self.base.dtype)
@@ -323,6 +333,7 @@ class Stepper:
             self._record(done.running, result)
         for i, (seq, count) in enumerate(done.chunks):
             seq.prefilled += count
+            assert done.inputs is not None  # a step with chunks ran eagerly
             seq.kv = done.inputs.chunk_kv(i)
             result.prefill_tokens += count
             self._record([seq], result)

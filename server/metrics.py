@@ -359,6 +359,10 @@ def _router_families(s: EngineStats, model_of: Callable[[str], str | None]
                  "each rounded up to blocks (what paged blocks would hold)", s.kv_tokens_rows)
     yield _counter("tessera_preemptions", "Rows preempted for the KV budget (recomputed)",
                    s.preemptions)
+    yield _counter("tessera_decode_graph_steps", "Decode steps run static: replayed CUDA "
+                   "graphs (or uncaptured, TESSERA_DECODE_GRAPHS=eager)", s.graph_steps)
+    yield _counter("tessera_decode_graph_captures", "Decode steps captured as CUDA graphs",
+                   s.graph_captures)
 
     def names(keys: Iterable[str]) -> str:
         return ",".join(sorted({m for k in keys if (m := model_of(k)) is not None}))

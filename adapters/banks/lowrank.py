@@ -79,8 +79,9 @@ import torch
 
 from tessera.adapters import ops
 from tessera.adapters.banks.cache import StackedBank
+from tessera.adapters.errors import PoolError
 from tessera.adapters.method import Limits
-from tessera.adapters.plan import MIN_RUN, Routing
+from tessera.adapters.plan import MIN_RUN, Groups, Routing
 from tessera.adapters.targets import TargetInfo
 
 Form = Literal["stacked", "segment", "per-token"]
@@ -218,6 +219,15 @@ class LowRankBank(StackedBank):
         if seg.tokens is None:
             return h + delta  # [N, out]
         return h.index_add(0, seg.tokens, delta)  # [N, out]
+
+    def apply_static(self, h: torch.Tensor, x: torch.Tensor, groups: Groups) -> torch.Tensor:
+        """``h + B_s (A_s x)`` over ``groups`` of every slot, at the bank's padded rank:
+        the Triton kernels, whose launch depends on the token count alone (a step a CUDA
+        graph replays; :meth:`~tessera.adapters.plan.StepMeta.begin_static`)."""
+        if self.backend != "triton":
+            raise PoolError("a static step runs the Triton kernels (kernels='triton')")
+        return ops.lora("triton")(h, x, self.t["A"], self.t["B"], groups,
+                                  int(self.t["A"].shape[1]))
 
     def apply_per_token(self, routing: Routing, active: list[int], h: torch.Tensor,
                         x: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,8 @@ async def test_engine_state_and_step_series(make_engine: EngineFactory,
     assert value(samples, "tessera_slot_evictions_total") == stats.slots.evictions
     assert value(samples, "tessera_adapter_pool_bytes") == stats.pool_bytes > 0
     assert value(samples, "tessera_adapter_derived_bytes") == stats.derived_bytes >= 0
+    assert value(samples, "tessera_decode_graph_steps_total") == stats.graph_steps
+    assert value(samples, "tessera_decode_graph_captures_total") == stats.graph_captures
     assert value(samples, "tessera_engine_generated_tokens_total") == stats.tokens_out == 40
     assert value(samples, "tessera_engine_finished_total", reason="length") == 5
     assert value(samples, "tessera_host_cache_hits_total") == 1
