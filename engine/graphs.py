@@ -207,7 +207,9 @@ class DecodeGraphs:
                 eager = self._forward(cache, n).clone()  # [n, V]
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool_handle):
+            # thread_local: the load workers may copy adapters to the device meanwhile
+            with torch.cuda.graph(graph, pool=self.pool_handle,
+                                  capture_error_mode="thread_local"):
                 logits = self._forward(cache, n)  # [n, V], the graph's own memory
             graph.replay()
             scale = float(eager.abs().max()) + 1.0
