@@ -24,7 +24,7 @@ import importlib.util
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -40,16 +40,17 @@ LoraOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "Grou
                   torch.Tensor]
 
 
+def op(package: str, name: str, backend: Backend) -> Any:
+    """Op ``name`` of ``backend`` in the kernel package ``package`` (its modules
+    ``torch_ops`` and ``triton_ops``), imported on first use: Triton only where asked."""
+    return getattr(importlib.import_module(f"{package}.{backend}_ops"), name)
+
+
 @functools.cache
 def lora(backend: Backend) -> LoraOp:
-    """The ``lora`` op of ``backend`` (Triton imported only where it is asked for)."""
-    if backend == "triton":
-        from tessera.adapters.ops import triton_ops
-
-        return triton_ops.lora
-    from tessera.adapters.ops import torch_ops
-
-    return torch_ops.lora
+    """The ``lora`` op of ``backend``."""
+    found: LoraOp = op(__name__, "lora", backend)
+    return found
 
 
 def triton_runs(device: torch.device) -> bool:

@@ -34,14 +34,9 @@ DecodeOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, flo
 
 @functools.cache
 def decode(backend: Backend) -> DecodeOp:
-    """The ``decode`` op of ``backend`` (Triton imported only where it is asked for)."""
-    if backend == "triton":
-        from tessera.engine.ops import triton_ops
-
-        return triton_ops.decode
-    from tessera.engine.ops import torch_ops
-
-    return torch_ops.decode
+    """The ``decode`` op of ``backend``."""
+    found: DecodeOp = adapter_ops.op(__name__, "decode", backend)
+    return found
 
 
 def _decode_case(device: torch.device, dtype: torch.dtype
