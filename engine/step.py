@@ -7,7 +7,9 @@ row's position (:mod:`tessera.engine.attention` splits the attention by part). T
 step's inputs, its attention plan, the adapters' routing and the sampling parameters are
 built on the host and uploaded without waiting (``on_device``): on a GPU the host queues
 the whole step, and its one wait is the sampled tokens' transfer
-(``tests/engine/test_no_host_sync.py``).
+(``tests/engine/test_no_host_sync.py``). A decode-only step whose rows all use LoRA,
+rsLoRA, HRA or no adapter runs as a static step instead where the engine has them
+(:mod:`tessera.engine.graphs`: on CUDA a replayed CUDA graph, padded to its size).
 
 Rows of the hot adapter admitted while its merge is installed (:mod:`tessera.engine.hot`)
 have ``Row.hot`` set: they hold no slot and run on the merged weights, in the same forward
