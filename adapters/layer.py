@@ -10,6 +10,7 @@ from torch import nn
 from tessera.adapters import kernels
 from tessera.adapters.banks.base import Bank
 from tessera.adapters.banks.lowrank import LowRankBank
+from tessera.adapters.banks.rowscale import RowScaleBank
 from tessera.adapters.plan import Groups, Routing, StepMeta
 from tessera.adapters.targets import TargetInfo, bias_of, weight_of
 
@@ -41,8 +42,8 @@ class AdapterLayer(nn.Module):
             return self.base(x)  # type: ignore[no-any-return]
         flat = x.reshape(-1, self.target.in_features)  # [N, in]
         if plan.static is not None:  # one fixed form, whatever the step's slots
-            return self._static(flat, plan.static).reshape(*x.shape[:-1],
-                                                           self.target.out_features)
+            return self._static(flat, plan.static, plan.slot_ids).reshape(
+                *x.shape[:-1], self.target.out_features)
         routing = plan.routing(flat.shape[0])
         banks = [b for b in self.staged if not b.occupied.isdisjoint(routing.unique_set)]
         hot = self.meta.hot.get(self.target.path) if routing.hot is not None else None
@@ -85,14 +86,22 @@ class AdapterLayer(nn.Module):
             y = y + bias
         return y.reshape(*x.shape[:-1], self.target.out_features)
 
-    def _static(self, flat: torch.Tensor, groups: Groups) -> torch.Tensor:
-        """A static step (:meth:`StepMeta.begin_static`): ``W0 x + b`` and the low-rank
-        bank over every slot's group ``[N, out]``."""
-        y = self.base_linear(flat, bias_of(self.base))  # [N, out]
-        bank = self.by_kind.get("lowrank")
-        if not isinstance(bank, LowRankBank):
-            return y
-        return bank.apply_static(y, flat, groups)
+    def _static(self, flat: torch.Tensor, groups: Groups, slot_ids: torch.Tensor
+                ) -> torch.Tensor:
+        """A static step (:meth:`StepMeta.begin_static`) ``[N, out]``: ``W0 x``, the
+        low-rank bank over every slot's group, the row-scale bank's ``g`` of each token's
+        slot (DoRA; 1 for every other slot and for base tokens: exact), then the bias —
+        the same for every step, whatever its slots (``slot_ids`` ``[N]`` on the device)."""
+        low, scale = self.by_kind.get("lowrank"), self.by_kind.get("rowscale")
+        bias = bias_of(self.base)
+        y = self.base_linear(flat, None if scale is not None else bias)  # [N, out]
+        if isinstance(low, LowRankBank):
+            y = low.apply_static(y, flat, groups)
+        if isinstance(scale, RowScaleBank):
+            y = scale.apply_static(y, slot_ids)
+            if bias is not None:
+                y = y + bias
+        return y
 
     @property
     def packed(self) -> torch.Tensor | None:

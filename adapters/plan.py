@@ -369,10 +369,11 @@ class StepMeta:
         ``[n]`` the slot ids on the host, ``slot_ids`` ``[n]`` the same in the caller's
         device buffer, ``groups`` the tokens sorted by slot over every slot ``[0, S)``
         (``slots`` = ``arange(S)``, a slot without tokens a group of length 0; grid sized
-        by ``longest`` = ``n``). Every token's slot holds low-rank data only and no hot
-        merge is installed (the caller checks): each wrapped layer then runs its low-rank
-        bank on ``groups`` whatever the step's slots are (an unoccupied slot's rows are
-        zero: exactly ``h``), so the layers' work depends on ``n`` alone."""
+        by ``longest`` = ``n``). Every token's slot holds low-rank data (and row scales)
+        only and no hot merge is installed (the caller checks): each wrapped layer then
+        runs its low-rank bank on ``groups`` and its row-scale bank on ``slot_ids``
+        whatever the step's slots are (an unoccupied slot's rows are zero, its scales one:
+        exactly ``h``), so the layers' work depends on ``n`` alone."""
         if self.plan is not None:
             raise PoolError("this pool is already routing a forward (one at a time)")
         if self.hot:

@@ -35,6 +35,8 @@ from tessera.adapters.ops import Choice
 from tessera.adapters.plan import Groups, HotDelta, SlotPlan, StepMeta
 from tessera.adapters.validation import check_lowered, validate_component
 
+STATIC_KINDS = frozenset({"lowrank", "rowscale"})  # banks with a static form (use_static)
+
 
 class PoolConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -236,9 +238,11 @@ class SlotPool:
     def static_ok(self, slots: list[int]) -> bool:
         """Whether a step whose tokens use ``slots`` (host; -1 = base) can run as a static
         step (:meth:`use_static`): the banks run the Triton kernels, no hot merge is
-        installed, and every slot used holds low-rank data only (LoRA, rsLoRA, HRA)."""
+        installed, and every slot used holds low-rank data only, row scales aside (LoRA,
+        rsLoRA, HRA, DoRA)."""
         return (self.backend == "triton" and not self.meta.hot
-                and all(s < 0 or self.kinds[s] == {"lowrank"} for s in set(slots)))
+                and all(s < 0 or (self.kinds[s] <= STATIC_KINDS and "lowrank" in self.kinds[s])
+                        for s in set(slots)))
 
     @contextmanager
     def use_static(self, host: torch.Tensor, slot_ids: torch.Tensor,

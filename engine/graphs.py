@@ -13,8 +13,9 @@ the step beyond its padded size:
   device (no mask, no plan by length: :meth:`BatchCache.static`);
 - the adapters through a static plan (:meth:`SlotPool.use_static`): every wrapped layer
   runs its low-rank bank's Triton kernels over the tokens grouped by slot, every slot a
-  group (empty ones do nothing), at the bank's padded rank. That covers LoRA, rsLoRA and
-  HRA; a step using any other method's slot, or a hot merge, runs eagerly;
+  group (empty ones do nothing), at the bank's padded rank, then its row-scale bank's
+  ``g`` of each token's slot (ones for every slot without one). That covers LoRA, rsLoRA,
+  DoRA and HRA; a step using any other method's slot, or a hot merge, runs eagerly;
 - every device input in buffers this object owns: the step's ids, positions, slots,
   packed order, lengths and groups are written into one host staging buffer and copied
   in one transfer, before the graph replays (:class:`_Inputs`).

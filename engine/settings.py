@@ -64,7 +64,7 @@ class EngineSettings(BaseSettings):
         "auto", description="decode steps as CUDA graphs (tessera.engine.graphs): 'auto' = "
                             "captured on CUDA where the adapter banks and the decode "
                             "attention run the Triton kernels (steps using LoRA, rsLoRA, "
-                            "HRA or no adapter; others run eagerly); 'eager' = the same "
+                            "DoRA, HRA or no adapter; others run eagerly); 'eager' = the same "
                             "static steps, not captured (tests, debugging); 'off'")
     methods: list[str] | None = Field(
         None, description="adapter methods the slot pool allocates banks for (e.g. "

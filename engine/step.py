@@ -8,7 +8,7 @@ step's inputs, its attention plan, the adapters' routing and the sampling parame
 built on the host and uploaded without waiting (``on_device``): on a GPU the host queues
 the whole step, and its one wait is the sampled tokens' transfer
 (``tests/engine/test_no_host_sync.py``). A decode-only step whose rows all use LoRA,
-rsLoRA, HRA or no adapter runs as a static step instead where the engine has them
+rsLoRA, DoRA, HRA or no adapter runs as a static step instead where the engine has them
 (:mod:`tessera.engine.graphs`: on CUDA a replayed CUDA graph, padded to its size).
 
 Rows of the hot adapter admitted while its merge is installed (:mod:`tessera.engine.hot`)

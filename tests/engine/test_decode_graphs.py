@@ -29,13 +29,13 @@ MODES = ["eager", "auto"] if DEVICE == "cuda" else ["eager"]  # auto: captured, 
 async def test_static_decode_steps_match_the_reference(
         make_engine: EngineFactory, adapters: dict[str, Adapter], reference: Reference,
         mode: str) -> None:
-    """LoRA, HRA and base rows of different lengths leave on different steps (the padded
-    size changes: 5 rows -> 8, then 4, 2, 1) and a late row joins; a DoRA row (not
-    low-rank only) makes the steps it runs in eager, the others run static."""
-    engine = await make_engine(num_slots=4, kernels="triton", decode_graphs=mode)
-    jobs: list[tuple[str | None, str, int]] = [
-        ("lora", PROMPTS[0], 9), ("hra", PROMPTS[2], 5), (None, PROMPTS[4], 7),
-        ("lora", PROMPTS[6], 3), ("dora", PROMPTS[1], 2)]
+    """LoRA, DoRA, HRA and base rows of different lengths leave on different steps (the
+    padded size changes: 5 rows -> 8, then 4, 2, 1) and a late row joins; a HUT row (no
+    static form) makes the steps it runs in eager, the others run static."""
+    engine = await make_engine(num_slots=5, kernels="triton", decode_graphs=mode)
+    jobs: list[tuple[str | None, str, int]] = [  # DoRA first: slot 0
+        ("dora", PROMPTS[6], 4), ("lora", PROMPTS[0], 9), ("hra", PROMPTS[2], 5),
+        (None, PROMPTS[4], 7), ("hut", PROMPTS[1], 2)]
 
     def submit(name: str | None, prompt: str, n: int) -> asyncio.Task[list[int]]:
         handle = engine.submit(GenerationRequest(
@@ -56,7 +56,7 @@ async def test_static_decode_steps_match_the_reference(
         assert got == reference.greedy(adapters[name] if name else None, prompt, n), name
     stats = engine.stats()
     assert stats.graph_steps >= 5  # most decode steps ran static
-    assert stats.graph_steps < stats.steps  # prefill and the DoRA row's steps did not
+    assert stats.graph_steps < stats.steps  # prefill and the HUT row's steps did not
     if mode == "auto":
         assert stats.graph_captures >= 3  # sizes 8, 4, 2, 1 (and again after slab growth)
 
@@ -119,8 +119,8 @@ async def test_steps_of_one_size_run_the_same_ops_on_the_same_buffers(
         return out
 
     monkeypatch.setattr(graphs, "_forward", traced)
-    jobs = [("lora", PROMPTS[0], 8), ("hra", PROMPTS[2], 8), (None, PROMPTS[4], 8),
-            ("lora", PROMPTS[6], 3)]
+    jobs = [("lora", PROMPTS[0], 8), ("dora", PROMPTS[2], 8), (None, PROMPTS[4], 8),
+            ("hra", PROMPTS[6], 3)]
     await asyncio.gather(*(engine.submit(GenerationRequest(
         prompt=prompt, adapter=spec(name, adapters[name]) if name else None,
         sampling=SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))).result()
