@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from tessera.adapters import SlotPool
+from tessera.adapters.ops import Backend
 from tessera.adapters.plan import Groups
 from tessera.engine.kvcache import BatchCache
 
@@ -121,7 +122,7 @@ class _Graph:
     logits: torch.Tensor  # [n, V]: the captured forward's output, rewritten by each replay
 
 
-def build(mode: Mode, model: nn.Module, pool: SlotPool, attention: str, layers: int,
+def build(mode: Mode, model: nn.Module, pool: SlotPool, attention: Backend, layers: int,
           device: torch.device, dtype: torch.dtype, max_rows: int) -> DecodeGraphs | None:
     """The static decode steps ``mode`` asks for, where the pool and the decode attention
     both run the Triton kernels; None: every step eager."""
@@ -174,17 +175,18 @@ class DecodeGraphs:
         b = len(tokens)
         cache.reserve(n, cache.width + 1)  # free rows for the padding, room for new keys
         self.inputs.write(n, tokens, positions, slots, at, cache.lengths)
-        if not self.capture:
-            self.steps += 1
-            return self._forward(cache, n)[:b]
         found = self.graphs.get(n)
-        if found is None or found.generation != cache.generation:
-            self.graphs.pop(n, None)
-            logits = self._capture(cache, n)
-            return None if logits is None else logits[:b]
-        found.graph.replay()
+        if not self.capture:
+            logits: torch.Tensor | None = self._forward(cache, n)
+        elif found is None or found.generation != cache.generation:
+            logits = self._capture(cache, n)  # replaces the stale one
+        else:
+            found.graph.replay()
+            logits = found.logits
+        if logits is None:
+            return None
         self.steps += 1
-        return found.logits[:b]
+        return logits[:b]
 
     def _forward(self, cache: BatchCache, n: int) -> torch.Tensor:
         """The static step over the staged inputs: logits ``[n, V]`` in slab order."""
@@ -224,6 +226,5 @@ class DecodeGraphs:
             return None
         self.graphs[n] = _Graph(cache.generation, graph, logits)
         self.captures += 1
-        self.steps += 1
         log.info("decode step captured", extra={"rows": n, "captures": self.captures})
         return logits
